@@ -37,12 +37,28 @@ import json, os, sys, threading, time
 barrier = None
 
 
+class Closing:
+    """A response iterable whose close() leaves a mark in a file."""
+
+    def __init__(self, marker, size):
+        self.marker, self.size = marker, size
+
+    def __iter__(self):
+        for _ in range(self.size // 65536):
+            yield b"x" * 65536
+
+    def close(self):
+        with open(self.marker, "w") as f:
+            f.write("closed")
+
+
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path in ("/slow", "/forever"):
         print("app: %s started" % path, file=environ["wsgi.errors"], flush=True)
     if path.startswith("/env"):
-        body = json.dumps({k: v for k, v in environ.items() if isinstance(v, (str, bool, int))})
+        body = json.dumps({k: v for k, v in environ.items()
+                           if isinstance(v, (str, bool, int, tuple))})
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body.encode()]
     if path == "/echo":
@@ -65,6 +81,35 @@ def app(environ, start_response):
         return [b"together\n"]
     if path == "/error":
         raise RuntimeError("boom")
+    if path == "/error-after-headers":
+        start_response("200 OK", [("Content-Length", "100")])
+
+        def body():
+            yield b"x" * 10
+            raise RuntimeError("late boom")
+        return body()
+    if path == "/not-iterable":
+        start_response("200 OK", [])
+        return None
+    if path == "/bad-status":
+        start_response("OK", [])
+        return [b""]
+    if path == "/bad-header":
+        start_response("200 OK", [("X-A", "1\r\nSet-Cookie: evil=1")])
+        return [b""]
+    if path == "/closing":
+        marker, size = environ["QUERY_STRING"].split(",")
+        start_response("200 OK", [("Content-Length", size)])
+        return Closing(marker, int(size))
+    if path == "/input":
+        stream = environ["wsgi.input"]
+        first = stream.readline()
+        rest = stream.read()
+        body = json.dumps({"first": first.decode("latin-1"), "rest": rest.decode("latin-1"),
+                           "terminated": environ["wsgi.input_terminated"],
+                           "after": stream.read().decode("latin-1")})
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body.encode()]
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"hello\n"]
 '''
@@ -665,6 +710,452 @@ class ShutdownTests(ServerTestCase):
         os.symlink(self.dir, os.path.join(self.dir, "here"))
         server = self.start("--app", "testapp:app", "app.sock")
         self.assertEqual(server.wait_ready(), f"wsgi_unix: serving on unix:{self.sock}")
+
+
+
+# --- Hostile input, slow clients, faults and load -----------------------------------------
+
+def request_bytes(path="/", method="GET", headers=(), body=b""):
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"] + list(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def split_response(answer):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return status_of(answer), head.decode("latin-1"), body
+
+
+def process_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def process_threads(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+
+
+def process_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_idle(path, count):
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        sockets.append(sock)
+    return sockets
+
+
+class MalformedRequestTests(ServerTestCase):
+    CASES = [
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+        (request_bytes(headers=[f"X-H{i}: {i}" for i in range(101)]), 431),
+        (request_bytes(headers=["X-Big: " + "b" * 70000]), 431),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+        (b"GET /a\x00b HTTP/1.1\r\n\r\n", 400),
+        (b"GET /\x1b[31m HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX\x01Y: z\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n", 400),
+        (b"GET / \r\n\r\n", 400),
+        (b"GET /\r\n\r\n", 400),
+        (b"GET / FTP/1.1\r\n\r\n", 400),
+        (b"G(T / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+        (request_bytes("/echo", "POST", ["Content-Length: -1"]), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: abc"]), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: 5", "Content-Length: 6"], b"hello!"), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: 5", "Transfer-Encoding: chunked"],
+                       b"5\r\nhello\r\n0\r\n\r\n"), 400),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip"]), 501),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip, chunked"]), 501),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"zz\r\nhello\r\n0\r\n\r\n"),
+         400),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"3\r\nhello\r\n0\r\n\r\n"),
+         400),
+    ]
+
+    def test_each_malformed_request_gets_its_status_and_the_next_is_served(self):
+        server = self.start_app()
+        for data, expected in self.CASES:
+            answer = raw_request(self.sock, data)
+            self.assertEqual(status_of(answer), expected, data[:60])
+            self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
+
+    def test_chunked_body_is_decoded_and_input_is_terminated(self):
+        self.start_app()
+        chunks = b"6;ext=1\r\nhello\n\r\nB\r\nworld, more\r\n0\r\nTrailer: x\r\n\r\n"
+        answer = raw_request(self.sock, request_bytes("/input", "POST",
+                                                      ["Transfer-Encoding: chunked"], chunks))
+        status, _, body = split_response(answer)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), {"first": "hello\n", "rest": "world, more",
+                                            "terminated": True, "after": ""})
+
+    def test_wsgi_input_never_reads_past_the_body(self):
+        self.start_app()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)  # far below the server's 30 s: a read past the body would hang
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/input", "POST", ["Content-Length: 9"], b"ab\ncdefgh"))
+            sock.sendall(b"NEXT REQUEST")  # and the connection stays open
+            answer = b""
+            while b"}" not in answer:
+                answer += sock.recv(65536)
+        body = json.loads(split_response(answer)[2])
+        self.assertEqual((body["first"], body["rest"], body["after"]), ("ab\n", "cdefgh", ""))
+
+    def test_expect_100_continue_is_answered_when_the_body_is_read(self):
+        self.start_app()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/echo", "POST", ["Content-Length: 5",
+                                                          "Expect: 100-continue"]))
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"hello")
+            answer = sock.recv(65536)
+        self.assertEqual(split_response(answer)[0::2], (200, b"hello"))
+
+    def test_head_gets_the_get_headers_and_no_body(self):
+        self.start_app()
+        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
+        status, head, body = split_response(answer)
+        self.assertEqual((status, body), (200, b""))
+        self.assertIn("Content-Length: 6", head)
+
+    def test_log_escapes_control_characters(self):
+        server = self.start_app()
+        raw_request(self.sock, b"GET /\x1b[2J\rfake HTTP/1.1\r\n\r\n")
+        line = server.wait_line('" 400')
+        self.assertIn("\\x1b[2J\\x0dfake", line)
+        self.assertNotIn("\x1b", server.log())
+
+    def test_fuzzed_requests_get_well_formed_answers_and_the_server_lives(self):
+        import random
+        import re
+        count = int(os.environ.get("WSGI_UNIX_FUZZ", "10000"))
+        server = self.start_app("--quiet", "--timeout", "2", self.sock)
+        rng = random.Random(20261126)
+        seeds = [request_bytes("/"), request_bytes("/env?x=1", headers=["Cookie: a=b"]),
+                 request_bytes("/echo", "POST", ["Content-Length: 5"], b"hello"),
+                 request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n"),
+                 request_bytes("/", "HEAD"), b"GET / HTTP/1.0\r\n\r\n"]
+        alphabet = b"\x00\r\n :;,\t\x7f\xff-_/?%0123456789aAzZ"
+
+        def mutate(data):
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(data) + 1)
+                kind = rng.random()
+                if kind < 0.3 and data:
+                    data[min(at, len(data) - 1)] = rng.choice(alphabet)
+                elif kind < 0.5:
+                    data[at:at] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+                elif kind < 0.7:
+                    del data[at:at + rng.randint(1, 8)]
+                elif kind < 0.8:
+                    data[at:at] = rng.choice(seeds)[:rng.randint(0, 40)]
+                else:
+                    data = data[:at] + b"\r\n\r\n"
+            return bytes(data)
+        cases = [mutate(rng.choice(seeds)) if i % 10 else bytes(rng.randrange(256) for _ in
+                 range(rng.randint(1, 200))) + b"\r\n\r\n" for i in range(count)]
+        response = re.compile(rb"HTTP/1\.[01] [1-5]\d\d [^\r\n]*\r\n(?:[!-9;-~]+: [^\r\n]*\r\n)*\r\n",
+                              re.S)
+        bad = []
+
+        def one(data):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(DEADLINE)
+                sock.connect(self.sock)
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # the server answered and closed before all was sent
+                answer = b""
+                try:
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+            if not answer:
+                return  # a clean close is a valid answer to an incomplete request
+            match = response.match(answer)
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer[:match.end()] if match
+                               else b"")
+            if (not match or (length and not data.startswith(b"HEAD")
+                              and int(length.group(1)) != len(answer) - match.end())):
+                bad.append((data, answer[:200]))
+
+        def worker(part):
+            for data in part:
+                one(data)
+        workers = [threading.Thread(target=worker, args=(cases[i::4],)) for i in range(4)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(120)
+        self.assertEqual(bad[:5], [])
+        self.assertIsNone(server.proc.poll())
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
+
+
+class SlowClientTests(ServerTestCase):
+    def test_silent_and_trickling_clients_do_not_delay_a_normal_request(self):
+        self.start_app()
+        silent = open_idle(self.sock, 100)
+        tricklers = open_idle(self.sock, 10)
+        stop = threading.Event()
+
+        def trickle():
+            data = request_bytes("/")
+            for i in range(len(data) - 1):
+                if stop.wait(0.05):
+                    return
+                for sock in tricklers:
+                    sock.send(data[i:i + 1])
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            time.sleep(0.2)  # let the tricklers get going
+            started = time.monotonic()
+            self.assertEqual(get(self.sock)[0], 200)
+            self.assertLess(time.monotonic() - started, 1.0)
+        finally:
+            stop.set()
+            thread.join()
+            for sock in silent + tricklers:
+                sock.close()
+
+    def test_a_request_that_does_not_arrive_in_time_gets_408(self):
+        server = self.start_app("--timeout", "1", self.sock)
+        for partial in (b"", b"GET / HT", request_bytes("/echo", "POST", ["Content-Length: 10"],
+                                                        b"12345")):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(DEADLINE)
+                sock.connect(self.sock)
+                sock.sendall(partial)
+                started = time.monotonic()
+                answer = sock.recv(65536)
+                self.assertEqual(status_of(answer), 408, partial)
+                self.assertLess(time.monotonic() - started, 3.5)
+                self.assertEqual(sock.recv(100), b"")  # and closed
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
+        server.wait_line("did not arrive in time")
+
+    def test_a_thousand_idle_connections_stay_cheap_and_the_server_serves(self):
+        server = self.start_app()
+        idle = open_idle(self.sock, 1000)
+        try:
+            self.assertEqual(get(self.sock)[0], 200)
+            rss_mib = process_rss_kb(server.proc.pid) / 1024
+            self.assertLess(rss_mib, 150)
+            print(f"\n    RSS with 1,000 idle connections: {rss_mib:.1f} MiB", file=sys.stderr)
+        finally:
+            for sock in idle:
+                sock.close()
+
+    def test_past_max_connections_new_ones_wait_in_the_backlog(self):
+        self.start_app("--max-connections", "5", self.sock)
+        idle = open_idle(self.sock, 5)
+        waiting = unix_connection(self.sock)
+        waiting.request("GET", "/")
+        waiting.sock.settimeout(0.5)
+        with self.assertRaises(socket.timeout):  # not accepted while five are open
+            waiting.getresponse()
+        idle.pop().close()
+        waiting.sock.settimeout(DEADLINE)
+        response = waiting.getresponse()
+        self.assertEqual(response.status, 200)
+        for sock in idle:
+            sock.close()
+
+
+class ApplicationFaultTests(ServerTestCase):
+    def test_app_error_before_start_response_gives_a_generic_500(self):
+        server = self.start_app()
+        status, _, body = get(self.sock, "/error")
+        self.assertEqual(status, 500)
+        self.assertNotIn(b"boom", body)
+        server.wait_line("RuntimeError: boom")
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_app_error_after_headers_closes_the_connection_short(self):
+        server = self.start_app()
+        conn = unix_connection(self.sock)
+        conn.request("GET", "/error-after-headers")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+        server.wait_line("RuntimeError: late boom")
+        self.assertEqual(server.log().count("RuntimeError: late boom"), 1)
+
+    def test_malformed_app_results_give_500(self):
+        server = self.start_app()
+        for path in ("/not-iterable", "/bad-status", "/bad-header"):
+            answer = raw_request(self.sock, request_bytes(path))
+            self.assertEqual(status_of(answer), 500, path)
+            self.assertNotIn(b"Set-Cookie", answer)
+        server.wait_line("malformed response header")
+
+    def test_close_is_called_also_when_the_client_goes_away(self):
+        server = self.start_app("--threads", "1", self.sock)
+        done = os.path.join(self.dir, "closed-1")
+        self.assertEqual(get(self.sock, f"/closing?{done},65536")[0], 200)
+        wait_for(lambda: os.path.exists(done), "close() after a complete response")
+        gone = os.path.join(self.dir, "closed-2")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self.sock)
+            sock.sendall(request_bytes(f"/closing?{gone},{10 * 1024 * 1024}"))
+            sock.recv(1024)
+        wait_for(lambda: os.path.exists(gone), "close() after the client went away")
+        server.wait_line("client went away")
+        self.assertEqual(get(self.sock)[0], 200)  # the only thread is free again
+        self.assertNotIn("Traceback", server.log())
+
+    def test_an_app_that_blocks_forever_does_not_block_others(self):
+        server = self.start_app("--threads", "2", self.sock)
+        stuck = unix_connection(self.sock)
+        stuck.request("GET", "/forever")
+        server.wait_line("app: /forever started")
+        self.assertEqual(get(self.sock)[0], 200)
+        stuck.close()
+
+
+class LoadTests(ServerTestCase):
+    def hammer(self, clients, requests, errors, stop=None):
+        def client():
+            for _ in range(requests):
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    if status_of(raw_request(self.sock, b"GET / HTTP/1.0\r\n\r\n")) != 200:
+                        errors.append("status")
+                except (OSError, IndexError, ValueError) as exc:
+                    errors.append(repr(exc))
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def test_200_concurrent_clients_get_no_errors(self):
+        self.start_app("--quiet", self.sock)
+        errors = []
+        for thread in self.hammer(200, 50, errors):
+            thread.join(120)
+        self.assertEqual(errors, [])
+
+    def test_descriptor_exhaustion_neither_crashes_nor_spins(self):
+        import resource
+        server = self.start_app("--quiet", self.sock, preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (64, 64)))
+        idle = []
+        for _ in range(100):  # connect() succeeds into the backlog even when accept() cannot
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self.sock)
+            idle.append(sock)
+        try:
+            before = process_cpu_seconds(server.proc.pid)
+            time.sleep(1.0)
+            self.assertLess(process_cpu_seconds(server.proc.pid) - before, 0.5)
+            self.assertIsNone(server.proc.poll(), server.log())
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertEqual(get(self.sock)[0], 200)
+        server.wait_line("accept() failed")
+
+    def test_sigterm_under_load_completes_requests_and_exits_cleanly(self):
+        server = self.start_app("--quiet", self.sock)
+        errors, stop = [], threading.Event()
+        threads = self.hammer(16, 100000, errors, stop)
+        wait_for(lambda: get(self.sock)[0] == 200, "load to be under way")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertFalse(os.path.lexists(self.sock))
+        # A client either got its whole answer or could not connect; never a broken one.
+        broken = [e for e in errors if "ConnectionRefused" not in e and "FileNotFound" not in e]
+        self.assertEqual(broken, [])
+
+    def test_after_sigkill_under_load_the_next_start_serves(self):
+        server = self.start_app("--quiet", self.sock)
+        errors, stop = [], threading.Event()
+        threads = self.hammer(8, 100000, errors, stop)
+        server.signal(signal.SIGKILL)
+        server.wait()
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # left behind, stale
+        self.start_app("--quiet", self.sock)
+        self.assertEqual(get(self.sock)[0], 200)
+
+    @unittest.skipUnless(os.environ.get("WSGI_UNIX_SOAK"), "set WSGI_UNIX_SOAK=SECONDS to soak")
+    def test_soak_keeps_memory_descriptors_and_threads_flat(self):
+        seconds = float(os.environ["WSGI_UNIX_SOAK"])
+        server = self.start_app("--quiet", self.sock)
+        pid = server.proc.pid
+        self.assertEqual(get(self.sock)[0], 200)
+        idle_fds, idle_threads = len(os.listdir(f"/proc/{pid}/fd")), process_threads(pid)
+        errors, stop = [], threading.Event()
+        threads = self.hammer(16, 10 ** 9, errors, stop)
+        time.sleep(min(5.0, seconds / 4))
+        warm_rss = process_rss_kb(pid)
+        time.sleep(seconds)
+        end_rss = process_rss_kb(pid)
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == idle_fds, "descriptors back to idle")
+        wait_for(lambda: process_threads(pid) == idle_threads, "threads back to idle")
+        print(f"\n    soak {seconds:.0f} s: RSS {warm_rss / 1024:.1f} -> {end_rss / 1024:.1f} MiB, "
+              f"fds {idle_fds}, threads {idle_threads}, errors {len(errors)}", file=sys.stderr)
+        self.assertLess(end_rss, warm_rss * 1.10)
+        self.assertEqual(errors, [])
+
+
+class PeerCredentialTests(ServerTestCase):
+    def test_unix_requests_carry_the_peer_credentials(self):
+        self.start_app()
+        status, _, body = get(self.sock, "/env")
+        self.assertEqual(json.loads(body)["wsgi_unix.peer"], [os.getpid(), os.getuid(), os.getgid()])
+
+    def test_allow_uid_refuses_other_users_with_403_before_the_app_runs(self):
+        server = self.start_app("--mode", "666", "--allow-uid", "nobody", self.sock)
+        status, _, body = get(self.sock, "/slow?0")
+        self.assertEqual(status, 403)
+        self.assertIn(b"uid 0 may not connect", body)
+        self.assertNotIn("app: /slow started", server.log())
+        script = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+                  "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100).split()[1].decode())")
+        result = subprocess.run([python_for_nobody(), "-c", script, self.sock],
+                                preexec_fn=as_nobody, capture_output=True, text=True)
+        self.assertEqual(result.stdout.strip(), "200")
+
+    def test_allow_uid_on_tcp_is_a_start_up_error(self):
+        self.assertOneLineError(["--allow-uid", "0", "127.0.0.1:0"], 1, "Unix socket")
 
 
 # --- The command line and the API ---------------------------------------------------------

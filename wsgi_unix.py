@@ -29,13 +29,17 @@ the same WSGI app runs there unchanged.
 import errno
 import fcntl
 import grp
+import http
 import os
+import pwd
 import re
+import select
 import selectors
 import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -60,6 +64,8 @@ SERVER_SOFTWARE = "wsgi_unix/" + __version__
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_HEAD = 256 * 1024
+# How long a stopping server waits for connections it accepted to send their request.
+_STOP_LINGER = 1.0
 
 
 class AddressError(ValueError):
@@ -312,6 +318,15 @@ def _describe(info):
     return next((name for test, name in kinds if test(info.st_mode)), "a device or other file")
 
 
+def _user_id(user):
+    if isinstance(user, int) or (user.isascii() and user.isdigit()):
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ServeError(f"user {user!r} does not exist; give a user name or a uid") from None
+
+
 def _group_id(group):
     if group is None or isinstance(group, int):
         return group
@@ -339,7 +354,8 @@ class WSGIServer(simple_server.WSGIServer):
     request_queue_size = 1024  # wsgiref's 5 makes nginx answer 502 under the lightest load
 
     def __init__(self, address, RequestHandlerClass=None, *, mode=0o600, group=None, threads=8,
-                 timeout=30.0, graceful_timeout=10.0, max_connections=1024, access_log=True):
+                 timeout=30.0, graceful_timeout=10.0, max_connections=1024, access_log=True,
+                 allow_uids=None):
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
         # TCPServer.__init__ would make a socket of one fixed family; the address makes ours.
         socketserver.BaseServer.__init__(self, str(self.listen_address),
@@ -353,6 +369,7 @@ class WSGIServer(simple_server.WSGIServer):
         else:
             self.server_name, self.server_port = self.server_address[:2]
         self.setup_environ()
+        self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
         self.threads = threads
         self.timeout = timeout
         self.graceful_timeout = graceful_timeout
@@ -365,6 +382,10 @@ class WSGIServer(simple_server.WSGIServer):
         self._wakeup_w.setblocking(False)
         self._stop_requested = False
         self._stopped = threading.Event()
+        if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
+                                            or _PEERCRED is None):
+            self.server_close()
+            raise ServeError(f"{self}: --allow-uid needs a Unix socket, and SO_PEERCRED (Linux)")
 
     def __str__(self):
         return str(self.listen_address)
@@ -400,35 +421,60 @@ class WSGIServer(simple_server.WSGIServer):
         how often it looks for clients that have run out of time.
         """
         self._stopped.clear()
-        for number in range(self.threads):
-            threading.Thread(target=self._accept_loop, name=f"{PROG}-{number}", daemon=True).start()
+        # Made before the threads start: once they accept, descriptors may run out.
         selector = selectors.DefaultSelector()
         selector.register(self._wakeup_r, selectors.EVENT_READ)
+        accepters = [threading.Thread(target=self._accept_loop, name=f"{PROG}-{number}", daemon=True)
+                     for number in range(self.threads)]
+        for thread in accepters:
+            thread.start()
         waiting = {}  # connection -> [client address, bytes received, deadline]
+        stop_began = time.monotonic()
         try:
             while not self._stop_requested:
-                for key, _ in selector.select(poll_interval if waiting else None):
-                    if key.fileobj is self._wakeup_r:
-                        self._wakeup_r.recv(4096)
-                        while self._arrivals:
-                            conn, address, received = self._arrivals.popleft()
-                            waiting[conn] = [address, received, time.monotonic() + self.timeout]
-                            selector.register(conn, selectors.EVENT_READ)
-                    else:
-                        self._on_waiting_readable(key.fileobj, waiting, selector)
-                now = time.monotonic()
-                for conn in [c for c, entry in waiting.items() if entry[2] < now]:
-                    selector.unregister(conn)
-                    del waiting[conn]
-                    self._close(conn, b"HTTP/1.0 408 Request Timeout\r\nConnection: close\r\n"
-                                      b"Content-Length: 0\r\n\r\n")
+                self._waiting_room(selector, waiting, poll_interval if waiting else None)
+            stop_began = time.monotonic()
+            self._stop_accepting(stop_began + self.graceful_timeout)
+            # Connections accepted just before the stop may not have sent their request yet,
+            # and the accept threads may still be parking some: keep the waiting room open.
+            linger_end = stop_began + _STOP_LINGER
+            while time.monotonic() < linger_end and (waiting or self._arrivals or any(
+                    thread.is_alive() for thread in accepters if not self.listen_address.inherited)):
+                self._waiting_room(selector, waiting, 0.01)
         finally:
-            self._stop_accepting()
+            self._stop_requested = True
             for conn in list(waiting) + [entry[0] for entry in self._arrivals]:
                 self._close(conn)
             selector.close()
-            self._wait_for_requests(self.graceful_timeout)
+            deadline = stop_began + self.graceful_timeout
+            if not self.listen_address.inherited:
+                # Each ends once its request is done and accept() fails; joining them closes
+                # the gap between a thread's accept() and its count in self._busy.
+                for thread in accepters:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            with self._idle:
+                while self._busy and time.monotonic() < deadline:
+                    self._idle.wait(deadline - time.monotonic())
             self._stopped.set()
+
+    def _waiting_room(self, selector, waiting, timeout):
+        """Wait up to ``timeout`` for connections to send more; serve those whose head is complete."""
+        for key, _ in selector.select(timeout):
+            if key.fileobj is self._wakeup_r:
+                self._wakeup_r.recv(4096)
+                while self._arrivals:
+                    conn, address, received = self._arrivals.popleft()
+                    waiting[conn] = [address, received, time.monotonic() + self.timeout]
+                    selector.register(conn, selectors.EVENT_READ)
+            else:
+                self._on_waiting_readable(key.fileobj, waiting, selector)
+        now = time.monotonic()
+        for conn in [c for c, entry in waiting.items() if entry[2] < now]:
+            selector.unregister(conn)
+            del waiting[conn]
+            self._close(conn, b"HTTP/1.0 408 Request Timeout\r\nConnection: close\r\n"
+                              b"Content-Length: 0\r\n\r\n")
+            self._log_line("a request did not arrive in time: 408")
 
     def _on_waiting_readable(self, conn, waiting, selector):
         entry = waiting[conn]
@@ -447,28 +493,38 @@ class WSGIServer(simple_server.WSGIServer):
         if not data:
             self._close(conn)  # the client gave up before sending a whole request
             return
+        self._begin()
         threading.Thread(target=self._serve_connection, args=(conn, entry[0], entry[1]),
                          name=f"{PROG}-waited", daemon=True).start()
 
-    def _stop_accepting(self):
+    def _stop_accepting(self, deadline):
+        """Refuse new connections, serve the ones already queued, stop the accept threads."""
         self._stop_requested = True
-        if not self.listen_address.inherited:
-            # Wakes every thread blocked in accept() (EINVAL) and refuses new connections at
-            # once, so nginx answers 502 now instead of queueing.  An inherited socket is
-            # shared with systemd, which keeps it for the next start: leave it listening.
-            try:
-                self.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self.listen_address.inherited:
+            # Shared with systemd, which keeps it for the next start: leave it listening.
+            # The accept threads are daemons and end with the process.
+            return
+        if self.listen_address.kind == "unix":
+            # Without its file no one can connect any more, yet the connections already in
+            # the backlog can still be accepted: serve them rather than reset them.
+            self.listen_address.remove_socket_file()
+            poller = select.poll()
+            poller.register(self.socket, select.POLLIN)
+            while poller.poll(0) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        # Wakes every thread blocked in accept() (EINVAL) and refuses new connections at once,
+        # so nginx answers 502 now instead of queueing.
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
-    def _wait_for_requests(self, timeout):
-        deadline = time.monotonic() + timeout
+    def _begin(self):
         with self._idle:
-            while self._busy and time.monotonic() < deadline:
-                self._idle.wait(deadline - time.monotonic())
+            self._busy += 1
 
     def _accept_loop(self):
-        while not self._stop_requested:
+        while True:
             self._slots.acquire()
             try:
                 conn, address = self.socket.accept()
@@ -479,14 +535,15 @@ class WSGIServer(simple_server.WSGIServer):
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: the connection stays in the backlog, and
                     # retrying at once would spin a core; wait for others to close.
-                    self._log_once(f"accept() failed: {exc.strerror}; retrying")
+                    self._log_line(f"accept() failed: {exc.strerror}; retrying", once=True)
                     time.sleep(0.1)
                 continue
+            self._begin()
             self._serve_connection(conn, address, b"")
 
     def _serve_connection(self, conn, address, received):
         """Read the request head if it is there already, else send the connection to the
-        waiting room; serve it once the head is complete."""
+        waiting room; serve it once the head is complete.  The caller has called _begin()."""
         try:
             while not _head_ready(received):
                 try:
@@ -495,23 +552,18 @@ class WSGIServer(simple_server.WSGIServer):
                     conn.setblocking(False)
                     self._arrivals.append((conn, address, received))
                     self._wake(b"p")
+                    conn = None  # the waiting room's now
                     return
                 if not data:
-                    self._close(conn)
-                    return
+                    return  # the client gave up before sending a whole request
                 received += data
-        except OSError:
-            self._close(conn)
-            return
-        with self._idle:
-            self._busy += 1
-        try:
             conn.settimeout(self.timeout)
             self.finish_request(conn, address, received)
         except Exception:
             self.handle_error(conn, address)
         finally:
-            self._close(conn)
+            if conn is not None:
+                self._close(conn)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
@@ -532,8 +584,8 @@ class WSGIServer(simple_server.WSGIServer):
 
     _logged = set()
 
-    def _log_once(self, message):
-        if message not in self._logged:
+    def _log_line(self, message, once=False):
+        if not (once and message in self._logged):
             self._logged.add(message)
             sys.stderr.write(f"{PROG}: {message}\n")
 
@@ -609,6 +661,10 @@ def parse_request_head(received):
             headers, received[end.end():])
 
 
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
+_PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
+
+
 class WSGIRequestHandler(simple_server.WSGIRequestHandler):
     """wsgiref's request handler with a strict, lean parser, and Unix peers made sane.
 
@@ -618,6 +674,9 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
     """
 
     server_version = SERVER_SOFTWARE
+    # http.server's error page is HTML; a status, its phrase and the reason suit curl and logs.
+    error_message_format = "%(code)d %(message)s: %(explain)s\n"
+    error_content_type = "text/plain; charset=utf-8"
 
     def __init__(self, request, client_address, server, received=b""):
         self.received = received
@@ -642,9 +701,12 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             (self.command, self.path, self.request_version, self.request_headers,
              rest) = parse_request_head(self.received)
             environ = self.get_environ()
-            body = _Body(self.connection, rest, _content_length(environ, self.request_headers))
+            body = _request_body(self.connection, rest, self.request_version, self.request_headers)
+            allowed = self.server.allow_uids
+            if allowed is not None and environ["wsgi_unix.peer"][1] not in allowed:
+                raise _HTTPError(403, f"uid {environ['wsgi_unix.peer'][1]} may not connect")
         except _HTTPError as error:
-            self.send_error(error.status, str(error))
+            self.send_error(error.status, None, str(error))
             return
         handler = ServerHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self  # wsgiref's back-pointer, for logging
@@ -663,6 +725,9 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         env["QUERY_STRING"] = query
         if self.server.address_family == socket.AF_UNIX:
             env["REMOTE_ADDR"] = ""
+            if _PEERCRED is not None:
+                env["wsgi_unix.peer"] = _PEERCRED.unpack(self.connection.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         else:
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = self.client_address[0], str(self.client_address[1])
         for name, value in self.request_headers:
@@ -693,62 +758,130 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
 
 
-def _content_length(environ, headers):
-    """The body's length from Content-Length; refuse what two parsers could read two ways."""
-    if any(name.lower() == "transfer-encoding" for name, _ in headers):
-        if "CONTENT_LENGTH" in environ and environ["CONTENT_LENGTH"]:
+def _request_body(sock, received, request_version, headers):
+    """wsgi.input for a request: its body as Content-Length or chunked coding frames it.
+
+    Anything two parsers could frame two ways -- the root of request smuggling -- is refused.
+    """
+    codings = [value for name, value in headers if name.lower() == "transfer-encoding"]
+    lengths = {value for name, value in headers if name.lower() == "content-length"}
+    expect = request_version == "HTTP/1.1" and any(
+        name.lower() == "expect" and value.lower() == "100-continue" for name, value in headers)
+    if codings:
+        if lengths:
             raise _HTTPError(400, "both Content-Length and Transfer-Encoding")
-        raise _HTTPError(411, "chunked request bodies are not supported; send Content-Length")
-    values = {value for name, value in headers if name.lower() == "content-length"}
-    if not values:
-        return 0
-    value = values.pop()
-    if values or not (value.isascii() and value.isdigit()):
+        if [coding.strip().lower() for coding in ",".join(codings).split(",")] != ["chunked"]:
+            raise _HTTPError(501, "the only transfer coding understood is chunked")
+        return _Body(sock, received, None, expect)
+    if not lengths:
+        return _Body(sock, b"", 0)
+    length = lengths.pop()
+    if lengths or not (length.isascii() and length.isdigit()):
         raise _HTTPError(400, "invalid Content-Length")
-    return int(value)
+    return _Body(sock, received, int(length), expect)
 
 
 class _Body:
-    """wsgi.input: the request body and never a byte more (the next request's, or a hang)."""
+    """wsgi.input: the request body and never a byte more (the next request's, or a hang).
 
-    def __init__(self, sock, received, length):
+    It decodes chunked transfer coding, and sends "100 Continue" when a client that asked for
+    it (curl does, for bodies over 1 KiB) is first read from.  A body that stops arriving
+    raises _HTTPError(408); a malformed chunk, _HTTPError(400).
+    """
+
+    def __init__(self, sock, received, length, expect_continue=False):
         self._sock = sock
-        self._buffer = received[:length]
-        self._left = length - len(self._buffer)  # still in the socket
+        self._raw = received  # bytes received after the head, not yet decoded
+        self._data = bytearray()  # decoded body bytes the application has not read yet
+        self._chunked = length is None
+        self._left = length  # Content-Length bytes not yet decoded
+        self._done = length == 0
+        self._expect_continue = expect_continue
 
-    def _fill(self, size):
-        """Receive until the buffer holds ``size`` bytes or the body is complete."""
-        chunks = [self._buffer]
-        have = len(self._buffer)
-        while have < size and self._left:
-            data = self._sock.recv(min(self._left, max(size - have, 65536)))
-            if not data:
-                raise ConnectionResetError("the client closed before sending the whole body")
-            self._left -= len(data)
-            have += len(data)
-            chunks.append(data)
-        self._buffer = b"".join(chunks)
+    def _recv(self, size):
+        if self._expect_continue:
+            self._expect_continue = False
+            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            data = self._sock.recv(min(size, 65536))
+        except socket.timeout:
+            raise _HTTPError(408, "the request body did not arrive in time") from None
+        if not data:
+            raise ConnectionResetError("the client closed before sending the whole body")
+        return data
+
+    def _more(self):
+        """Decode the next piece of the body into self._data; False at the end of the body."""
+        if self._done:
+            return False
+        if self._chunked:
+            self._data += self._next_chunk()
+        else:
+            piece = self._raw or self._recv(self._left)
+            piece, self._raw = piece[:self._left], piece[self._left:]
+            self._left -= len(piece)
+            self._done = not self._left
+            self._data += piece
+        return True
+
+    def _next_chunk(self):
+        size = self._raw_line().split(b";", 1)[0].strip()  # chunk extensions are ignored
+        if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
+            raise _HTTPError(400, "malformed chunk size")
+        size = int(size, 16)
+        if size == 0:
+            for _ in range(MAX_HEADERS + 1):  # trailers, ignored
+                if not self._raw_line():
+                    self._done = True
+                    return b""
+            raise _HTTPError(431, "too many trailer lines")
+        data = self._raw_exactly(size + 2)
+        if data[-2:] != b"\r\n":
+            raise _HTTPError(400, "chunk data longer than its size")
+        return data[:-2]
+
+    def _raw_line(self):
+        while b"\n" not in self._raw:
+            if len(self._raw) > MAX_LINE:
+                raise _HTTPError(400, "chunk line too long")
+            self._raw += self._recv(65536)
+        line, _, self._raw = self._raw.partition(b"\n")
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def _raw_exactly(self, size):
+        pieces, have = [self._raw], len(self._raw)
+        while have < size:
+            pieces.append(self._recv(size - have))
+            have += len(pieces[-1])
+        data = b"".join(pieces)
+        self._raw = data[size:]
+        return data[:size]
+
+    def _take(self, size):
+        data = bytes(self._data[:size])
+        del self._data[:size]
+        return data
 
     def read(self, size=-1):
         if size is None or size < 0:
-            size = len(self._buffer) + self._left
-        if len(self._buffer) < size:
-            self._fill(size)
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+            while self._more():
+                pass
+            return self._take(len(self._data))
+        while len(self._data) < size and self._more():
+            pass
+        return self._take(size)
 
     def readline(self, size=-1):
         size = -1 if size is None else size
-        while b"\n" not in self._buffer and self._left and (size < 0 or len(self._buffer) < size):
-            self._fill(len(self._buffer) + 1)
-        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
-        if size >= 0:
-            end = min(end, size)
-        data, self._buffer = self._buffer[:end], self._buffer[end:]
-        return data
+        while True:
+            end = self._data.find(b"\n") + 1
+            if end or 0 <= size <= len(self._data) or not self._more():
+                break
+        end = end or len(self._data)
+        return self._take(min(end, size) if size >= 0 else end)
 
     def readlines(self, hint=-1):
-        return list(iter(self.readline, b""))
+        return list(self)
 
     def __iter__(self):
         return iter(self.readline, b"")
@@ -763,11 +896,15 @@ class _SocketWriter:
     def write(self, data):
         # Not sendall(): its timeout covers the whole call, and a large response to a slow
         # but steady reader must not fail; the timeout here is per send().
-        sent = self._sock.send(data)
-        if sent < len(data):
-            with memoryview(data) as view:
-                while sent < len(data):
-                    sent += self._sock.send(view[sent:])
+        try:
+            sent = self._sock.send(data)
+            if sent < len(data):
+                with memoryview(data) as view:
+                    while sent < len(data):
+                        sent += self._sock.send(view[sent:])
+        except socket.timeout:
+            # A client that stops reading has gone away as surely as one that hung up.
+            raise ConnectionAbortedError("the client stopped reading") from None
 
     def flush(self):
         pass
@@ -775,6 +912,9 @@ class _SocketWriter:
 
 # --- The environment-scrubbing ServerHandler ----------------------------------------------
 
+_STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f]*\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 _date_cache = [0, ""]
 
 
@@ -797,6 +937,48 @@ class ServerHandler(simple_server.ServerHandler):
     os_environ = {}
     server_software = SERVER_SOFTWARE
     _head = b""  # the response head, sent with the first body bytes
+
+    def run(self, application):
+        # BaseHandler.run, copied to log a client that went away (wsgiref says nothing).
+        try:
+            self.setup_environ()
+            self.result = application(self.environ, self.start_response)
+            self.finish_response()
+        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError) as exc:
+            self.request_handler.log_error("client went away: %s", exc)
+        except:  # noqa: E722 -- as wsgiref: whatever the app raised, answer 500
+            try:
+                self.handle_error()
+            except:  # noqa: E722
+                self.close()
+                raise
+
+    def setup_environ(self):
+        super().setup_environ()
+        self.environ["wsgi.input_terminated"] = True  # wsgi.input ends where the body ends
+
+    def start_response(self, status, headers, exc_info=None):
+        # wsgiref checks types with assert (gone under -O) and lets CR/LF through: refuse
+        # anything that could split the response, whatever the interpreter's flags.
+        if not (type(status) is str and _STATUS.match(status)):
+            raise ValueError(f"malformed status {status!r}")
+        for name, value in headers:
+            if not (type(name) is str and type(value) is str and _HEADER_NAME.match(name)
+                    and not _HEADER_VALUE_BAD.search(value)):
+                raise ValueError(f"malformed response header {name!r}: {value!r}")
+        return super().start_response(status, headers, exc_info)
+
+    def handle_error(self):
+        """Answer a request that could not be read with its own status; anything else, 500."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, _HTTPError):
+            return super().handle_error()
+        self.request_handler.log_error("%s", error)
+        if not self.headers_sent:
+            self.error_status = f"{error.status} {http.HTTPStatus(error.status).phrase}"
+            self.error_body = f"{self.error_status}: {error}\n".encode()
+            self.result = self.error_output(self.environ, self.start_response)
+            self.finish_response()
 
     def send_headers(self):
         # BaseHandler.send_headers and send_preamble, joined: one buffer instead of four sends.
@@ -950,6 +1132,7 @@ def _parse_command_line(argv):
     parser.add_argument("--timeout", type=positive(float), default=30.0)
     parser.add_argument("--graceful-timeout", type=positive(float), default=10.0)
     parser.add_argument("--max-connections", type=positive(int), default=1024)
+    parser.add_argument("--allow-uid", metavar="UID[,UID...]")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -986,7 +1169,8 @@ def main(argv=None):
         app = _load_app(args.app) if args.app else command_app(command or DEFAULT_COMMAND)
         serve(app, address, mode=args.mode, group=args.group, threads=args.threads,
               timeout=args.timeout, graceful_timeout=args.graceful_timeout,
-              max_connections=args.max_connections, access_log=not args.quiet)
+              max_connections=args.max_connections, access_log=not args.quiet,
+              allow_uids=args.allow_uid.split(",") if args.allow_uid else None)
     except AddressError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return 2
