@@ -1208,6 +1208,237 @@ class CommandLineTests(ServerTestCase):
         self.assertEqual(server.log().splitlines(), [f"wsgi_unix: serving on unix:{self.sock}"])
 
 
+
+def process_alive(pid):
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+class CommandAppTests(ServerTestCase):
+    def serve_command(self, *command, options=(), env=None):
+        return self.start(*options, self.sock, "--", *command, env=env)
+
+    def write_script(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + text)
+        os.chmod(path, 0o755)
+        return path
+
+    def test_the_command_gets_cgi_variables_and_no_secrets(self):
+        env = {"PATH": os.environ["PATH"], "SECRET_TOKEN": "hunter2-secret", "LANG": "C.UTF-8",
+               "LISTEN_FDS": "1"}
+        self.serve_command("env", options=["--pass-env", "LANG"], env=env)
+        status, _, body = get(self.sock, "/some/path?a=1&b=%41", headers={
+            "X-Custom": "yes", "X_Sneaky": "no", "Proxy": "http://evil:3128",
+            "Content-Type": "text/x-test"})
+        self.assertEqual(status, 200)
+        child = dict(line.split("=", 1) for line in body.decode().splitlines())
+        self.assertNotIn("hunter2-secret", body.decode())
+        self.assertNotIn("LISTEN_FDS", child)
+        expected = {"REQUEST_METHOD": "GET", "PATH_INFO": "/some/path", "QUERY_STRING": "a=1&b=%41",
+                    "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
+                    "SERVER_NAME": "localhost", "SERVER_PORT": "80", "REMOTE_ADDR": "",
+                    "SCRIPT_NAME": "", "CONTENT_TYPE": "text/x-test", "HTTP_X_CUSTOM": "yes",
+                    "LANG": "C.UTF-8", "PATH": os.environ["PATH"]}
+        for key, value in expected.items():
+            self.assertEqual(child.get(key), value, key)
+        self.assertTrue(child["SERVER_SOFTWARE"].startswith("wsgi_unix/"))
+        self.assertIn("HTTP_HOST", child)
+        self.assertNotIn("HTTP_X_SNEAKY", child)
+        self.assertNotIn("HTTP_PROXY", child)  # httpoxy
+        self.assertEqual(set(child) - set(expected) - {"SERVER_SOFTWARE", "HTTP_HOST",
+                                                       "HTTP_ACCEPT_ENCODING"}, set())
+
+    def test_nul_in_the_request_is_refused_with_400(self):
+        self.serve_command("env")
+        self.assertEqual(get(self.sock, "/a%00b")[0], 400)
+
+    def test_shell_syntax_in_the_request_runs_nothing(self):
+        self.serve_command("printf", "%s|", "fixed", "args")
+        status, _, body = get(self.sock, "/$(touch%20pwned);touch%20pwned2?q=$(touch%20p3);`touch%20p4`",
+                              headers={"X-A": "$(touch pwned5); touch pwned6"})
+        self.assertEqual((status, body), (200, b"fixed|args|"))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.sock", "testapp.py"])
+
+    def test_the_body_is_on_stdin_and_stdin_is_empty_without_one(self):
+        self.serve_command("cat")
+        self.assertEqual(get(self.sock, "/", "POST", body=b"posted data")[2], b"posted data")
+        self.assertEqual(get(self.sock, "/")[2], b"")
+        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
+                                                       b"3\r\nabc\r\n0\r\n\r\n"))
+        self.assertEqual(split_response(chunked)[0::2], (200, b"abc"))
+
+    def test_a_body_over_max_body_gets_413_without_running_the_command(self):
+        self.serve_command("sh", "-c", "touch ran; cat", options=["--max-body", "1K"])
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1025)[0], 413)
+        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
+                                                       b"401\r\n" + b"x" * 1025 + b"\r\n0\r\n\r\n"))
+        self.assertEqual(status_of(chunked), 413)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "ran")))
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1024)[2], b"x" * 1024)
+
+    def test_a_command_that_ignores_its_stdin_does_not_deadlock(self):
+        self.serve_command("echo", "ignored your body")
+        status, _, body = get(self.sock, "/", "POST", body=b"y" * (1 << 20))
+        self.assertEqual((status, body), (200, b"ignored your body\n"))
+
+    def test_failure_gives_500_naming_the_status_and_stderr_goes_to_the_log(self):
+        server = self.serve_command("sh", "-c", "echo out; echo 'first problem' >&2;"
+                                    "printf 'second\\033[31m' >&2; exit 7")
+        status, _, body = get(self.sock, "/job")
+        self.assertEqual(status, 500)
+        self.assertIn(b"status 7", body)
+        self.assertNotIn(b"problem", body)
+        self.assertEqual(server.wait_line("first problem"), "wsgi_unix: GET /job: first problem")
+        self.assertEqual(server.wait_line("second"), "wsgi_unix: GET /job: second\\x1b[31m")
+
+    def test_cgi_mode_takes_status_and_headers_from_the_output(self):
+        self.serve_command("printf", "Status: 404 Not Found\r\nContent-Type: text/html\r\n"
+                           "X-Script: yes\r\n\r\n<p>nope</p>", options=["--cgi"])
+        status, response, body = get(self.sock)
+        self.assertEqual((status, body), (404, b"<p>nope</p>"))
+        self.assertEqual(response.getheader("Content-Type"), "text/html")
+        self.assertEqual(response.getheader("X-Script"), "yes")
+        self.assertEqual(response.getheader("Content-Length"), "11")
+
+    def test_cgi_location_without_status_redirects(self):
+        self.serve_command("printf", "Location: /elsewhere\n\n", options=["--cgi"])
+        status, response, _ = get(self.sock)
+        self.assertEqual((status, response.getheader("Location")), (302, "/elsewhere"))
+
+    def test_cgi_malformed_headers_give_502(self):
+        for output in ["no blank line after this", "Bad Header Line\n\nbody", "Status: abc\n\n",
+                       "X-A: b\rc\n\n"]:
+            self.serve_command("printf", "%s", output, options=["--cgi"])
+            self.assertEqual(get(self.sock)[0], 502, output)
+            self.servers.pop().stop()
+
+    def test_too_much_output_gives_502_and_memory_stays_bounded(self):
+        server = self.serve_command("head", "-c", "20M", "/dev/zero")
+        self.assertEqual(get(self.sock)[0], 502)
+        self.assertLess(process_rss_kb(server.proc.pid) / 1024, 100)
+
+    def test_timeout_kills_the_whole_process_group_and_gives_504(self):
+        self.serve_command("sh", "-c", "sleep 300 & echo $! > grandchild; wait",
+                           options=["--command-timeout", "1"])
+        self.assertEqual(get(self.sock)[0], 504)
+        with open(os.path.join(self.dir, "grandchild")) as f:
+            grandchild = int(f.read())
+        wait_for(lambda: not process_alive(grandchild), "the grandchild to be killed")
+
+    def test_background_leftovers_are_killed_when_the_command_exits(self):
+        self.serve_command("sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!")
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 200)
+        wait_for(lambda: not process_alive(int(body)), "the leftover to be killed")
+
+    def test_a_missing_or_non_executable_command_fails_at_start_up(self):
+        self.assertOneLineError([self.sock, "--", "no-such-command-xyz"], 1, "command not found")
+        script = self.write_script("script.sh", "echo hi\n")
+        os.chmod(script, 0o644)
+        self.assertOneLineError([self.sock, "--", "./script.sh"], 1, "not executable")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_methods_are_limited_and_head_runs_without_a_body(self):
+        self.serve_command("echo", "hello")
+        status, response, _ = get(self.sock, "/", "PUT", body=b"x")
+        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD, POST"))
+        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
+        status, head, body = split_response(answer)
+        self.assertEqual((status, body), (200, b""))
+        self.assertIn("Content-Length: 6", head)
+        self.servers.pop().stop()
+        self.serve_command("echo", "put ok", options=["--methods", "GET,PUT"])
+        self.assertEqual(get(self.sock, "/", "PUT", body=b"x")[0:3:2], (200, b"put ok\n"))
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x")[0], 405)
+
+    def test_max_procs_bounds_the_commands_running_at_once(self):
+        events = os.path.join(self.dir, "events")
+        self.serve_command("sh", "-c", f"echo + >> {events}; sleep 0.2; echo - >> {events}",
+                           options=["--max-procs", "2"])
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(get(self.sock)[0]))
+                   for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertEqual(results, [200] * 10)
+        running = peak = 0
+        with open(events) as f:
+            for event in f.read().split():
+                running += 1 if event == "+" else -1
+                peak = max(peak, running)
+        self.assertEqual(peak, 2)
+
+    def test_a_request_waiting_longer_than_the_timeout_for_its_turn_gets_503(self):
+        started = os.path.join(self.dir, "started")
+        self.serve_command("sh", "-c", f"trap '' TERM; touch {started}; sleep 5",
+                           options=["--max-procs", "1", "--command-timeout", "1"])
+        first = unix_connection(self.sock)
+        first.request("GET", "/")
+        wait_for(lambda: os.path.exists(started), "the first command to start")
+        self.assertEqual(get(self.sock)[0], 503)
+        self.assertEqual(first.getresponse().status, 504)
+
+    def test_a_client_that_goes_away_gets_its_command_killed(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        client.close()
+        wait_for(lambda: not process_alive(pid), "the command to be killed")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be reaped")
+        self.assertNotIn("Traceback", server.log())
+
+    def test_no_command_outlives_the_server(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300",
+                                    options=["--graceful-timeout", "1"])
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        wait_for(lambda: not process_alive(pid), "the command to die with the server")
+        client.close()
+
+    def test_readme_status_page_webhook_and_cgi_status(self):
+        # The three uses the README shows, as it shows them.
+        self.serve_command("uptime")
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 200)
+        self.assertIn(b"load average", body)
+        self.servers.pop().stop()
+        self.write_script("deploy.sh", 'echo "Content-Type: text/plain"\necho\n'
+                                       'echo "deploying $(cat | wc -c) bytes of payload"\n')
+        self.serve_command("./deploy.sh", options=["--cgi"])
+        self.assertEqual(get(self.sock, "/", "POST", body=b'{"ref": "main"}')[0::2],
+                         (200, b"deploying 15 bytes of payload\n"))
+        self.servers.pop().stop()
+        self.write_script("status.sh", 'if [ "$QUERY_STRING" = "name=world" ]; then\n'
+                                       '  printf "Content-Type: text/plain\\n\\nhello, world\\n"\n'
+                                       'else\n'
+                                       '  printf "Status: 404 Not Found\\nContent-Type: text/plain\\n\\n'
+                                       'who?\\n"\nfi\n')
+        self.serve_command("./status.sh", options=["--cgi"])
+        self.assertEqual(get(self.sock, "/?name=world")[0::2], (200, b"hello, world\n"))
+        self.assertEqual(get(self.sock, "/?name=x")[0::2], (404, b"who?\n"))
+
 class APITests(ServerTestCase):
     def test_serve_in_a_thread_installs_no_signal_handlers(self):
         before = signal.getsignal(signal.SIGTERM)

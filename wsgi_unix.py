@@ -26,6 +26,7 @@ Put nginx in front for the first three, and use gunicorn or uWSGI when you need 
 the same WSGI app runs there unchanged.
 """
 
+import atexit
 import errno
 import fcntl
 import grp
@@ -34,6 +35,7 @@ import os
 import pwd
 import re
 import select
+import shutil
 import selectors
 import signal
 import socket
@@ -48,6 +50,7 @@ import urllib.parse
 from collections import deque
 from email.utils import formatdate
 from wsgiref import simple_server
+from wsgiref import util as wsgiref_util
 
 __version__ = "0.1.0"
 __all__ = [
@@ -718,6 +721,7 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         env["SERVER_PROTOCOL"] = self.request_version
         env["SERVER_SOFTWARE"] = self.server_version
         env["REQUEST_METHOD"] = self.command
+        env["wsgi_unix.socket"] = self.connection  # to watch for a client that went away
         path, _, query = self.path.partition("?")
         if not path.startswith("/") and "://" in path:
             path = "/" + path.split("://", 1)[1].partition("/")[2]  # absolute-form target
@@ -1014,43 +1018,251 @@ class ServerHandler(simple_server.ServerHandler):
 
 # --- The example app: a command per request -----------------------------------------------
 
-DEFAULT_COMMAND = ["date", "-u"]
+DEFAULT_COMMAND = ["date", "-u"]  # in coreutils and busybox, and new on every request
+_KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a command that ran out of time
 
 
-def command_app(argv):
-    """A WSGI app that runs ``argv`` for each request and returns its standard output.
+def command_app(argv, *, cgi=False, pass_env=(), max_body=1 << 20, max_output=16 << 20,
+                timeout=30.0, methods=("GET", "HEAD", "POST"), max_procs=8):
+    """A WSGI app that runs the command ``argv`` for each request: a small CGI gateway.
 
-    No shell, and no request data in the argument list: the command is exactly ``argv``.
-    Exit status 0 gives 200 with the output as text/plain; anything else gives 500.
+    The command is exactly ``argv`` -- no shell, no request data in its arguments.  It gets
+    the request as CGI/1.1 meta-variables in a scrubbed environment (PATH and ``pass_env``
+    only), and the body on stdin.  Exit status 0 answers 200 with its output as text/plain,
+    or, with ``cgi=True``, with the status and headers the output starts with; any other
+    status answers 500.  Output past ``max_output`` bytes answers 502, a command still
+    running after ``timeout`` seconds 504; either way its whole process group is killed.
+    Raises ServeError at once if the command cannot be found.
     """
-    argv = [str(arg) for arg in argv]
-    if not argv:
-        raise ServeError("no command given")
-    if _find_executable(argv[0]) is None:
-        raise ServeError(f"{argv[0]}: command not found or not executable")
+    return _CommandApp([str(arg) for arg in argv], cgi, pass_env, max_body, max_output, timeout,
+                       methods, max_procs)
 
-    def application(environ, start_response):
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={"PATH": _command_path()})
-        if result.returncode != 0:
-            body = f"command exited with status {result.returncode}\n".encode()
-            start_response("500 Internal Server Error", [
-                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
-            return [body]
-        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
-                                  ("Content-Length", str(len(result.stdout)))])
-        return [result.stdout]
 
-    return application
+class _CommandApp:
+    def __init__(self, argv, cgi, pass_env, max_body, max_output, timeout, methods, max_procs):
+        if not argv:
+            raise ServeError("no command given")
+        if shutil.which(argv[0], path=_command_path()) is None:
+            raise ServeError(f"{argv[0]}: command not found or not executable")
+        self.argv, self.cgi, self.max_body, self.max_output = argv, cgi, max_body, max_output
+        self.timeout = timeout
+        self.methods = [method.upper() for method in methods]
+        self.base_env = {"PATH": _command_path()}
+        self.base_env.update((name, os.environ[name]) for name in pass_env if name in os.environ)
+        self._slots = threading.BoundedSemaphore(max_procs)
+        self._running = set()  # process groups of running commands
+        atexit.register(self.kill_all)  # none may outlive the server
+
+    def __call__(self, environ, start_response):
+        if environ["REQUEST_METHOD"] not in self.methods:
+            return _plain(start_response, "405 Method Not Allowed", "method not allowed",
+                          [("Allow", ", ".join(self.methods))])
+        length = environ.get("CONTENT_LENGTH")
+        if length and int(length) > self.max_body:
+            return _plain(start_response, "413 Content Too Large",
+                          f"the request body is over {self.max_body} bytes")
+        body = environ["wsgi.input"].read(self.max_body + 1)
+        if len(body) > self.max_body:
+            return _plain(start_response, "413 Content Too Large",
+                          f"the request body is over {self.max_body} bytes")
+        env = self._child_environment(environ, body)
+        if env is None:
+            return _plain(start_response, "400 Bad Request", "NUL byte in the request")
+        if not self._slots.acquire(timeout=self.timeout):
+            return _plain(start_response, "503 Service Unavailable", "too many commands running")
+        try:
+            outcome, code, output = self._run(env, body, environ)
+        finally:
+            self._slots.release()
+        if outcome == "timeout":
+            return _plain(start_response, "504 Gateway Timeout",
+                          f"the command ran for more than {self.timeout:g} s")
+        if outcome == "too much output":
+            return _plain(start_response, "502 Bad Gateway",
+                          f"the command wrote more than {self.max_output} bytes")
+        if code != 0:
+            how = f"status {code}" if code > 0 else f"signal {-code}"
+            return _plain(start_response, "500 Internal Server Error", f"the command exited with {how}")
+        if not self.cgi:
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                                      ("Content-Length", str(len(output)))])
+            return [output]
+        try:
+            status, headers, output = _parse_cgi_output(output)
+        except ValueError as exc:
+            self._log(environ, f"{self.argv[0]}: {exc}")
+            return _plain(start_response, "502 Bad Gateway", "the command's CGI headers are malformed")
+        start_response(status, headers + [("Content-Length", str(len(output)))])
+        return [output]
+
+    def _child_environment(self, environ, body):
+        """The CGI/1.1 meta-variables (RFC 3875 section 4.1) as bytes, or None for a NUL."""
+        env = dict(self.base_env)
+        for name in ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
+                     "SERVER_PROTOCOL", "SERVER_SOFTWARE", "SERVER_NAME", "SERVER_PORT",
+                     "GATEWAY_INTERFACE", "REMOTE_ADDR", "SCRIPT_NAME"):
+            env[name] = environ.get(name, "")
+        if body:
+            env["CONTENT_LENGTH"] = str(len(body))
+        # HTTP_PROXY would come from a "Proxy:" request header, and curl, wget and most HTTP
+        # libraries take it as their proxy ("httpoxy"): never pass it on.
+        env.update((key, value) for key, value in environ.items()
+                   if key.startswith("HTTP_") and key != "HTTP_PROXY")
+        if any("\0" in value for value in env.values()):
+            return None
+        # Request data is latin-1 text here; as bytes the command sees what the client sent.
+        return {key.encode(): value.encode("latin-1", "surrogateescape") if key in environ
+                else os.fsencode(value) for key, value in env.items()}
+
+    def _run(self, env, body, environ):
+        """Run the command; return (outcome, exit status, standard output)."""
+        deadline = time.monotonic() + self.timeout
+        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True)
+        self._running.add(proc.pid)
+        try:
+            outcome, output = self._exchange(proc, body, environ, deadline)
+            if outcome == "ok":
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    outcome = "timeout"
+            if outcome != "ok":
+                _kill_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(_KILL_GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            # Whatever it left running in the background goes too.  The group outlives its
+            # leader only while a member lives, so this cannot reach another process group.
+            _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self._running.discard(proc.pid)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                stream.close()
+        return outcome, proc.returncode, output
+
+    def _exchange(self, proc, body, environ, deadline):
+        """Feed stdin, collect stdout, log stderr and watch the client, until the pipes close.
+
+        Returns ("ok", output), or ("timeout" | "too much output" | "client gone", b"").
+        """
+        selector = selectors.DefaultSelector()
+        if body:
+            os.set_blocking(proc.stdin.fileno(), False)  # a command that does not read: no hang
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()  # an empty stdin, not the server's
+        pipes = {proc.stdout, proc.stderr}
+        for pipe in pipes:
+            selector.register(pipe, selectors.EVENT_READ)
+        client = environ.get("wsgi_unix.socket")
+        if client is not None:
+            selector.register(client, selectors.EVENT_READ)
+        output, size, sent, stderr_tail = [], 0, 0, b""
+        try:
+            while pipes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout", b""
+                for key, _ in selector.select(left):
+                    stream = key.fileobj
+                    if stream is proc.stdin:
+                        try:
+                            sent += os.write(proc.stdin.fileno(), body[sent:sent + 65536])
+                        except BrokenPipeError:
+                            sent = len(body)  # the command does not want the rest
+                        if sent >= len(body):
+                            selector.unregister(proc.stdin)
+                            proc.stdin.close()
+                    elif stream is client:
+                        if _client_gone(client):
+                            return "client gone", b""
+                        selector.unregister(client)  # it sent more, so it is still there
+                    else:
+                        data = os.read(stream.fileno(), 65536)
+                        if not data:
+                            selector.unregister(stream)
+                            pipes.discard(stream)
+                        if stream is proc.stdout:
+                            size += len(data)
+                            if size > self.max_output:
+                                return "too much output", b""
+                            output.append(data)
+                            continue
+                        *lines, stderr_tail = (stderr_tail + data).split(b"\n")
+                        if stderr_tail and (not data or len(stderr_tail) > MAX_LINE):
+                            lines.append(stderr_tail)  # a last line without "\n", or a huge one
+                            stderr_tail = b""
+                        for line in lines:
+                            self._log(environ, line.decode("utf-8", "replace"))
+            return "ok", b"".join(output)
+        finally:
+            selector.close()
+
+    def _log(self, environ, text):
+        """One line of the command's stderr in the server log, prefixed with the request."""
+        line = f"{PROG}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
+        environ["wsgi.errors"].write(line.translate(_LOG_ESCAPES) + "\n")
+
+    def kill_all(self):
+        """Kill every running command's process group (at exit: none may outlive us)."""
+        for pid in list(self._running):
+            _kill_group(pid, signal.SIGKILL)
+
+
+def _kill_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _client_gone(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _plain(start_response, status, text, headers=()):
+    body = f"{status}: {text}\n".encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body)))] + list(headers))
+    return [body]
+
+
+def _parse_cgi_output(output):
+    """Split a CGI response (RFC 3875 section 6) into status, headers and body."""
+    end = _HEAD_END.search(output)
+    if end is None:
+        raise ValueError("no blank line after the headers")
+    status, headers = None, []
+    for line in output[:end.start()].split(b"\n"):
+        name, colon, value = line.rstrip(b"\r").partition(b":")
+        value = value.strip(b" \t").decode("latin-1")
+        if not colon or not _TOKEN.match(name) or _HEADER_VALUE_BAD.search(value):
+            raise ValueError(f"malformed header line {line[:80]!r}")
+        name = name.decode("ascii")
+        if name.lower() == "status":
+            if not _STATUS.match(value if " " in value else value + " "):
+                raise ValueError(f"malformed Status {value!r}")
+            status = value if " " in value else f"{value} {http.HTTPStatus(int(value)).phrase}"
+        elif name.lower() == "content-length" or wsgiref_util.is_hop_by_hop(name):
+            continue  # the server frames the response itself
+        else:
+            headers.append((name, value))
+    if status is None:
+        location = any(name.lower() == "location" for name, _ in headers)
+        status = "302 Found" if location else "200 OK"
+    return status, headers, output[end.end():]
 
 
 def _command_path():
     return os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
-
-
-def _find_executable(name):
-    import shutil
-    return shutil.which(name, path=_command_path())
 
 
 # --- The API ------------------------------------------------------------------------------
@@ -1119,6 +1331,18 @@ def _parse_command_line(argv):
             return value
         return check
 
+    def size(text):
+        match = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
+        if not match:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a size like 65536, 64K or 16M")
+        return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+    def methods(text):
+        names = [name.strip().upper() for name in text.split(",")]
+        if not all(_TOKEN.match(name.encode()) for name in names):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like GET,HEAD,POST")
+        return names
+
     parser = Parser(
         prog=f"python3 {os.path.basename(sys.argv[0]) or 'wsgi_unix.py'}",
         usage="%(prog)s [OPTIONS] ADDRESS [-- COMMAND [ARG ...]]\n"
@@ -1133,6 +1357,13 @@ def _parse_command_line(argv):
     parser.add_argument("--graceful-timeout", type=positive(float), default=10.0)
     parser.add_argument("--max-connections", type=positive(int), default=1024)
     parser.add_argument("--allow-uid", metavar="UID[,UID...]")
+    parser.add_argument("--cgi", action="store_true")
+    parser.add_argument("--pass-env", metavar="NAME", action="append", default=[])
+    parser.add_argument("--max-body", type=size, default="1M")
+    parser.add_argument("--max-output", type=size, default="16M")
+    parser.add_argument("--command-timeout", type=positive(float), default=30.0)
+    parser.add_argument("--methods", type=methods, default="GET,HEAD,POST")
+    parser.add_argument("--max-procs", type=positive(int))
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1166,7 +1397,13 @@ def main(argv=None):
     args, command = _parse_command_line(argv)
     try:
         address = ListenAddress(args.address)
-        app = _load_app(args.app) if args.app else command_app(command or DEFAULT_COMMAND)
+        if args.app:
+            app = _load_app(args.app)
+        else:
+            app = command_app(command or DEFAULT_COMMAND, cgi=args.cgi, pass_env=args.pass_env,
+                              max_body=args.max_body, max_output=args.max_output,
+                              timeout=args.command_timeout, methods=args.methods,
+                              max_procs=args.max_procs or args.threads)
         serve(app, address, mode=args.mode, group=args.group, threads=args.threads,
               timeout=args.timeout, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=not args.quiet,
