@@ -206,6 +206,10 @@ class ListenAddress:
                                                                   socket.SO_ACCEPTCONN):
             sock.detach()  # not ours to close
             raise AddressError(f"{self}: file descriptor {self.fd} is not a listening stream socket")
+        if os.environ.get("LISTEN_PID") == str(os.getpid()):
+            # systemd's socket-activation variables describe our descriptors, not a child's.
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(name, None)
         return sock
 
     # --- The socket file -------------------------------------------------------------------
@@ -358,7 +362,7 @@ class WSGIServer(simple_server.WSGIServer):
 
     def __init__(self, address, RequestHandlerClass=None, *, mode=0o600, group=None, threads=8,
                  timeout=30.0, graceful_timeout=10.0, max_connections=1024, access_log=True,
-                 allow_uids=None):
+                 allow_uids=None, proxy_headers=False, forwarded_allow_ips=(), script_name=""):
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
         # TCPServer.__init__ would make a socket of one fixed family; the address makes ours.
         socketserver.BaseServer.__init__(self, str(self.listen_address),
@@ -373,6 +377,9 @@ class WSGIServer(simple_server.WSGIServer):
             self.server_name, self.server_port = self.server_address[:2]
         self.setup_environ()
         self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
+        self.proxy_headers = proxy_headers
+        self.forwarded_allow_ips = set(forwarded_allow_ips)
+        self.script_name = script_name
         self.threads = threads
         self.timeout = timeout
         self.graceful_timeout = graceful_timeout
@@ -725,7 +732,13 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         path, _, query = self.path.partition("?")
         if not path.startswith("/") and "://" in path:
             path = "/" + path.split("://", 1)[1].partition("/")[2]  # absolute-form target
-        env["PATH_INFO"] = urllib.parse.unquote(path, "latin-1")
+        path = urllib.parse.unquote(path, "latin-1")
+        prefix = self.server.script_name
+        if prefix:
+            if path != prefix and not path.startswith(prefix + "/"):
+                raise _HTTPError(404, f"not under {prefix}")
+            env["SCRIPT_NAME"], path = prefix, path[len(prefix):]
+        env["PATH_INFO"] = path
         env["QUERY_STRING"] = query
         if self.server.address_family == socket.AF_UNIX:
             env["REMOTE_ADDR"] = ""
@@ -744,6 +757,14 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
                 env[key] += "," + value
             else:
                 env[key] = value
+        if self.server.proxy_headers and (self.server.address_family == socket.AF_UNIX or
+                                          self.client_address[0] in self.server.forwarded_allow_ips):
+            # nginx's $proxy_add_x_forwarded_for appends the address it saw: the last one.
+            forwarded_for = env.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
+            if forwarded_for:
+                env["REMOTE_ADDR"] = forwarded_for
+            if env.get("HTTP_X_FORWARDED_PROTO", "").strip().lower() == "https":
+                env["HTTPS"] = "on"  # what wsgiref reads wsgi.url_scheme from
         return env
 
     def address_string(self):
@@ -1006,6 +1027,25 @@ class ServerHandler(simple_server.ServerHandler):
                 self.stdout.write(head)
         if data:
             self.stdout.write(data)
+
+    def sendfile(self):
+        """Send a wsgi.file_wrapper around a real file with os.sendfile (no copies)."""
+        try:
+            file = self.result.filelike
+            offset, size = file.tell(), os.fstat(file.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            return False  # not a plain file: wsgiref iterates over it
+        count = max(0, size - offset)
+        if "Content-Length" in self.headers:
+            count = min(count, int(self.headers["Content-Length"]))
+        else:
+            self.headers["Content-Length"] = str(count)
+        self.send_headers()
+        self._write(b"")  # the head
+        if self.environ["REQUEST_METHOD"] != "HEAD" and count:
+            self.request_handler.connection.sendfile(file, offset, count)
+        self.bytes_sent = count
+        return True
 
     def _flush(self):
         pass
@@ -1286,23 +1326,60 @@ def serve(app, address, **options):
     Signal handlers are installed only when called from the main thread.
     """
     with make_server(address, app, **options) as server:
+        def stop(*_):
+            _notify_systemd("STOPPING=1")
+            server.request_stop()
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                handlers[signum] = signal.signal(signum, lambda *_: server.request_stop())
+                handlers[signum] = signal.signal(signum, stop)
         try:
             if server.listen_address.kind == "abstract":
                 sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket; anyone in this "
                                  f"network namespace can connect to it\n")
             sys.stderr.write(f"{PROG}: serving on {server}\n")
             sys.stderr.flush()
+            _notify_systemd("READY=1")
             server.serve_forever()
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
 
 
+def _notify_systemd(state):
+    """Tell systemd (Type=notify) how we are, if it asked: sd_notify(3), in a few lines."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    if not address:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        sys.stderr.write(f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
+
+
 # --- The command line ---------------------------------------------------------------------
+
+_HELP_EPILOG = """\
+addresses:
+  /run/app/app.sock, app.sock, unix:PATH   a Unix socket file (removed at exit)
+  unix:@NAME                               a Linux abstract socket (no file, no permissions)
+  127.0.0.1:8000, [::1]:8000, host:8000    TCP; all interfaces only when asked: 0.0.0.0:8000
+  fd:3                                     an inherited listening socket (systemd)
+
+examples:
+  python3 wsgi_unix.py ./app.sock
+      the date, once per request: curl --unix-socket ./app.sock http://localhost/
+  python3 wsgi_unix.py --mode 660 --group www-data /run/app/app.sock -- df -h
+      a status page that nginx (user www-data) may connect to
+  python3 wsgi_unix.py --app myapp:application --proxy-headers /run/app/app.sock
+      a WSGI app behind nginx, with the client's address from X-Forwarded-For
+
+exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 if it cannot serve, 2 for a usage error
+"""
+
 
 def _parse_command_line(argv):
     import argparse
@@ -1331,6 +1408,11 @@ def _parse_command_line(argv):
             return value
         return check
 
+    def script_name(text):
+        if text and (not text.startswith("/") or text.endswith("/")):
+            raise argparse.ArgumentTypeError(f"{text!r} should look like /prefix")
+        return text
+
     def size(text):
         match = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
         if not match:
@@ -1347,25 +1429,55 @@ def _parse_command_line(argv):
         prog=f"python3 {os.path.basename(sys.argv[0]) or 'wsgi_unix.py'}",
         usage="%(prog)s [OPTIONS] ADDRESS [-- COMMAND [ARG ...]]\n"
               "       %(prog)s [OPTIONS] --app MODULE:CALLABLE ADDRESS",
-        description="Serve a WSGI application, or a command's output, on a Unix socket.")
-    parser.add_argument("address", metavar="ADDRESS")
-    parser.add_argument("--app", metavar="MODULE:CALLABLE")
-    parser.add_argument("--mode", type=mode, default=0o600)
-    parser.add_argument("--group")
-    parser.add_argument("--threads", type=positive(int), default=8)
-    parser.add_argument("--timeout", type=positive(float), default=30.0)
-    parser.add_argument("--graceful-timeout", type=positive(float), default=10.0)
-    parser.add_argument("--max-connections", type=positive(int), default=1024)
-    parser.add_argument("--allow-uid", metavar="UID[,UID...]")
-    parser.add_argument("--cgi", action="store_true")
-    parser.add_argument("--pass-env", metavar="NAME", action="append", default=[])
-    parser.add_argument("--max-body", type=size, default="1M")
-    parser.add_argument("--max-output", type=size, default="16M")
-    parser.add_argument("--command-timeout", type=positive(float), default=30.0)
-    parser.add_argument("--methods", type=methods, default="GET,HEAD,POST")
-    parser.add_argument("--max-procs", type=positive(int))
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a WSGI application -- or, without --app, the output of COMMAND run\n"
+                    "once per request (default: date -u) -- on a Unix socket, safely.",
+        epilog=_HELP_EPILOG)
+    parser.add_argument("address", metavar="ADDRESS", help="where to listen (forms below)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--app", metavar="MODULE:CALLABLE",
+                        help="serve this WSGI callable, imported from the current directory")
+    server.add_argument("--mode", type=mode, default=0o600, metavar="OCTAL",
+                        help="socket file mode, in force before listen() (default: 600; nginx: 660)")
+    server.add_argument("--group", metavar="NAME|GID",
+                        help="socket file group, e.g. www-data (default: the process's group)")
+    server.add_argument("--threads", type=positive(int), default=8, metavar="N",
+                        help="threads that accept and serve connections (default: %(default)s)")
+    server.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
+                        help="for a request to arrive, head and body (default: %(default)g); then 408")
+    server.add_argument("--graceful-timeout", type=positive(float), default=10.0, metavar="SECONDS",
+                        help="for requests in flight to finish after SIGTERM (default: %(default)g)")
+    server.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
+                        help="open at once; more wait in the listen backlog (default: %(default)s)")
+    server.add_argument("--allow-uid", metavar="UID[,UID...]",
+                        help="only these users (names or numbers) may send requests; others get "
+                             "403 (Unix sockets, Linux)")
+    server.add_argument("--proxy-headers", action="store_true",
+                        help="take REMOTE_ADDR from X-Forwarded-For and the scheme from "
+                             "X-Forwarded-Proto, from Unix peers and --forwarded-allow-ips only")
+    server.add_argument("--forwarded-allow-ips", type=lambda text: set(text.split(",")),
+                        default=set(), metavar="IP[,IP...]",
+                        help="TCP peers whose proxy headers are trusted (default: none)")
+    server.add_argument("--script-name", metavar="/PREFIX", type=script_name, default="",
+                        help="mount the app under this path; requests outside it get 404")
+    server.add_argument("--quiet", action="store_true", help="no access log")
+    server.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    gateway = parser.add_argument_group("the command (without --app)")
+    gateway.add_argument("--cgi", action="store_true",
+                         help="the output starts with CGI headers (Status:, Content-Type:, ...)")
+    gateway.add_argument("--pass-env", metavar="NAME", action="append", default=[],
+                         help="pass this variable of ours to the command (repeatable); it gets "
+                              "PATH and the request's CGI variables, nothing else")
+    gateway.add_argument("--max-body", type=size, default="1M", metavar="SIZE",
+                         help="largest request body, for stdin (default: 1M); larger gets 413")
+    gateway.add_argument("--max-output", type=size, default="16M", metavar="SIZE",
+                         help="largest output (default: 16M); more gets 502")
+    gateway.add_argument("--command-timeout", type=positive(float), default=30.0, metavar="SECONDS",
+                         help="to finish (default: %(default)g); then its process group is killed, 504")
+    gateway.add_argument("--methods", type=methods, default="GET,HEAD,POST", metavar="LIST",
+                         help="allowed request methods (default: %(default)s); others get 405")
+    gateway.add_argument("--max-procs", type=positive(int), metavar="N",
+                         help="commands running at once (default: --threads); others wait, then 503")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = []
     if "--" in argv:
@@ -1374,6 +1486,8 @@ def _parse_command_line(argv):
     args = parser.parse_args(argv)
     if args.app and command:
         parser.error("give either --app or a COMMAND, not both")
+    if args.forwarded_allow_ips and not args.proxy_headers:
+        parser.error("--forwarded-allow-ips goes with --proxy-headers")
     return args, command
 
 
@@ -1407,7 +1521,9 @@ def main(argv=None):
         serve(app, address, mode=args.mode, group=args.group, threads=args.threads,
               timeout=args.timeout, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=not args.quiet,
-              allow_uids=args.allow_uid.split(",") if args.allow_uid else None)
+              allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
+              proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
+              script_name=args.script_name)
     except AddressError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return 2
