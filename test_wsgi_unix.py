@@ -534,6 +534,7 @@ class SocketFileTests(ServerTestCase):
         watcher.start()
         try:
             self.start_app("--mode", "660", "--group", "nogroup", self.sock)
+            wait_for(lambda: seen, "the watcher to see the socket")
         finally:
             stop.set()
             watcher.join()
