@@ -15,8 +15,9 @@ It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref f
 - the socket file done right: a stale one is removed, a live one or anything that is not a socket
   is never touched, its mode and group are in force before anyone can connect, and only the file
   this process created is removed at exit;
-- a fixed set of threads that each accept their own connections, a large listen backlog, time
-  limits, and a waiting room so that silent or slow clients cannot occupy them;
+- threads without a hand-off per request (one accepts and serves; another takes over when a
+  request is slow), a large listen backlog, time limits, and a waiting room so that silent or
+  slow clients hold no thread;
 - a strict request parser with wsgiref's limits that drops header names containing "_";
 - nothing from ``os.environ`` reaches the application (wsgiref copies all of it, secrets included);
 - SIGTERM and SIGINT stop it gracefully: no new connections, requests in flight may finish.
@@ -102,7 +103,6 @@ class ListenAddress:
         self.text = text
         self.kind = None  # "unix", "abstract", "tcp" or "fd"
         self.path = self.host = self.port = self.fd = None
-        self.inherited = False  # an fd: socket belongs to whoever passed it to us
         self._identity = None  # (st_dev, st_ino) of the socket file we created
         self._parse(text)
 
@@ -111,7 +111,7 @@ class ListenAddress:
             number = text[3:]
             if not (number.isascii() and number.isdigit()):
                 raise AddressError(f"{text}: fd:N needs a file descriptor number, e.g. fd:3")
-            self.kind, self.fd, self.inherited = "fd", int(number), True
+            self.kind, self.fd = "fd", int(number)
         elif text.startswith("unix:") or "/" in text or ":" not in text:
             path = text[5:] if text.startswith("unix:") else text
             if path in ("", "@"):
@@ -135,10 +135,13 @@ class ListenAddress:
                 raise AddressError(f"{text}: the port must be a number from 0 to 65535")
             self.kind, self.host, self.port = "tcp", host, int(port)
 
+    @property
+    def inherited(self):
+        """True for fd:N: the socket belongs to whoever passed it to us (systemd)."""
+        return self.kind == "fd"
+
     def __str__(self):
-        if self.kind == "unix":
-            return "unix:" + self.path
-        if self.kind == "abstract":
+        if self.kind in ("unix", "abstract"):
             return "unix:" + self.path
         if self.kind == "fd":
             return f"fd:{self.fd}"
@@ -350,14 +353,14 @@ def _group_id(group):
 # --- The server ---------------------------------------------------------------------------
 
 class WSGIServer(simple_server.WSGIServer):
-    """wsgiref's WSGIServer on any ListenAddress, served by a fixed set of threads.
+    """wsgiref's WSGIServer on any ListenAddress, served by up to ``threads`` threads.
 
-    Each of ``threads`` threads accepts its own connections and serves them: no hand-off and
-    no thread start per request.  A connection whose request head has not fully arrived goes
-    to the waiting room -- a selector in the thread that runs ``serve_forever()`` -- so that
-    silent and slow clients hold no thread; once its head is complete it is served in a thread
-    of its own.  At most ``max_connections`` are open at once; beyond that, new connections
-    wait in the kernel's listen backlog.
+    The thread that accepts a connection serves it: no hand-off and no thread start per
+    request (see _accept_loop for why only one accepts at a time).  A connection whose request
+    head has not fully arrived goes to the waiting room -- a selector in the thread that runs
+    ``serve_forever()`` -- so that silent and slow clients hold no thread; once its head is
+    complete it is served in a thread of its own.  At most ``max_connections`` are open at
+    once; beyond that, new connections wait in the kernel's listen backlog.
     """
 
     request_queue_size = 1024  # wsgiref's 5 makes nginx answer 502 under the lightest load
@@ -423,9 +426,9 @@ class WSGIServer(simple_server.WSGIServer):
         self.request_stop()
         self._stopped.wait()
 
-    def _wake(self, byte=b"s"):
+    def _wake(self):
         try:
-            self._wakeup_w.send(byte)
+            self._wakeup_w.send(b"!")
         except OSError:
             pass  # already full (a wake-up is pending) or closed (stopped)
 
@@ -604,7 +607,7 @@ class WSGIServer(simple_server.WSGIServer):
                 except BlockingIOError:
                     conn.setblocking(False)
                     self._arrivals.append((conn, address, received))
-                    self._wake(b"p")
+                    self._wake()
                     conn = None  # the waiting room's now
                     return
                 if not data:
@@ -669,7 +672,7 @@ _LOG_ESCAPES = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7f, 0
 _LOG_ESCAPES[ord("\\")] = "\\\\"
 
 
-def parse_request_head(received):
+def _parse_request_head(received):
     """Parse a request head: return (method, target, version, [(name, value)], bytes after it).
 
     Enforces http.server's limits (414 for a long request line, 431 for a long header line or
@@ -752,7 +755,7 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         self.requestline = self.received[:200].split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         try:
             (self.command, self.path, self.request_version, self.request_headers,
-             rest) = parse_request_head(self.received)
+             rest) = _parse_request_head(self.received)
             environ = self.get_environ()
             body = _request_body(self.connection, rest, self.request_version, self.request_headers)
             allowed = self.server.allow_uids
