@@ -225,15 +225,19 @@ def unix_connection(path, timeout=DEADLINE):
     return conn
 
 
-def get(path, url="/", method="GET", body=None, headers=None):
-    """One request over the socket at ``path``; returns (status, headers, body)."""
-    conn = unix_connection(path)
+def exchange(conn, method, url, body=None, headers=None):
+    """One request on the http.client connection ``conn``; returns (status, response, body)."""
     try:
         conn.request(method, url, body=body, headers=headers or {})
         response = conn.getresponse()
         return response.status, response, response.read()
     finally:
         conn.close()
+
+
+def get(path, url="/", method="GET", body=None, headers=None):
+    """One request over the socket at ``path``; returns (status, response, body)."""
+    return exchange(unix_connection(path), method, url, body, headers)
 
 
 def raw_request(path, data, timeout=DEADLINE):
@@ -1635,12 +1639,7 @@ http {{
 
     def fetch(self, method, url, body=None, headers=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
-        try:
-            conn.request(method, url, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response, response.read()
-        finally:
-            conn.close()
+        return exchange(conn, method, url, body, headers)
 
     def test_requests_pass_through_nginx_intact(self):
         self.assertEqual(self.fetch("GET", "/")[0::2], (200, b"hello\n"))
