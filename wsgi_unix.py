@@ -1079,10 +1079,12 @@ class ServerHandler(simple_server.ServerHandler):
         """Send a wsgi.file_wrapper around a real file with os.sendfile (no copies)."""
         try:
             file = self.result.filelike
-            offset, size = file.tell(), os.fstat(file.fileno()).st_size
+            offset, info = file.tell(), os.fstat(file.fileno())
         except (AttributeError, OSError, ValueError):
-            return False  # not a plain file: wsgiref iterates over it
-        count = max(0, size - offset)
+            return False  # not a file with a descriptor: wsgiref iterates over it
+        if not stat.S_ISREG(info.st_mode):
+            return False  # a pipe or a device has no size to send
+        count = max(0, info.st_size - offset)
         if "Content-Length" in self.headers:
             count = min(count, int(self.headers["Content-Length"]))
         else:
