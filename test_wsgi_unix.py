@@ -139,6 +139,12 @@ def app(environ, start_response):
     if path == "/file":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return environ["wsgi.file_wrapper"](NoRead(environ["QUERY_STRING"]))
+    if path == "/pipe":
+        r, w = os.pipe()
+        os.write(w, b"through a pipe\n")
+        os.close(w)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](os.fdopen(r, "rb"))
     if path == "/write":
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"written, ")
@@ -1810,6 +1816,7 @@ class FrameworkTests(ServerTestCase):
         self.assertEqual(response.getheader("Content-Length"), "1000000")
         answer = raw_request(self.sock, request_bytes(f"/file?{path}", "HEAD"))
         self.assertEqual(split_response(answer)[0::2], (200, b""))
+        self.assertEqual(get(self.sock, "/pipe")[0::2], (200, b"through a pipe\n"))  # not sendfile
 
     def test_write_from_start_response_and_exc_info(self):
         self.start_app()
