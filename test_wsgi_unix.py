@@ -127,6 +127,15 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(size))])
         return (bytes([i % 251]) * 65536 for i in range(size // 65536))
+    if path == "/count":
+        stream, count = environ["wsgi.input"], 0
+        while True:
+            chunk = stream.read(8192)
+            if not chunk:
+                break
+            count += len(chunk)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % count]
     if path == "/stream-echo":
         stream, chunks = environ["wsgi.input"], []
         while True:
@@ -918,6 +927,29 @@ class MalformedRequestTests(ServerTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body), {"first": "hello\n", "rest": "world, more",
                                             "terminated": True, "after": ""})
+
+    def test_a_huge_chunk_is_streamed_not_buffered(self):
+        server = self.start_app()
+        size = 64 * 1024 * 1024
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/count", "POST", ["Transfer-Encoding: chunked"],
+                                       b"%x\r\n" % size))
+            block = b"x" * (1024 * 1024)
+            for _ in range(size // len(block)):
+                sock.sendall(block)
+            sock.sendall(b"\r\n0\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"%d" % size):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        self.assertEqual(split_response(answer)[0::2], (200, b"%d" % size))
+        with open(f"/proc/{server.proc.pid}/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        self.assertLess(peak / 1024, 48)  # MiB, far below the 64 MiB chunk
 
     def test_wsgi_input_never_reads_past_the_body(self):
         self.start_app()

@@ -866,8 +866,9 @@ class _Body:
         self._raw = received  # bytes received after the head, not yet decoded
         self._data = bytearray()  # decoded body bytes the application has not read yet
         self._chunked = length is None
-        self._left = length  # Content-Length bytes not yet decoded
+        self._left = length or 0  # bytes of the body (or of the current chunk) still to come
         self._done = length == 0
+        self._after_chunk = False  # a chunk's data was read: its CRLF comes next
         self._expect_continue = expect_continue
 
     def _recv(self, size):
@@ -883,34 +884,38 @@ class _Body:
         return data
 
     def _more(self):
-        """Decode the next piece of the body into self._data; False at the end of the body."""
+        """Decode up to 64 KiB more of the body into self._data; False at its end.
+
+        Never more: a chunk may claim a petabyte, and the app reads it 8 KiB at a time.
+        """
         if self._done:
             return False
-        if self._chunked:
-            self._data += self._next_chunk()
-        else:
-            piece = self._raw or self._recv(self._left)
-            piece, self._raw = piece[:self._left], piece[self._left:]
-            self._left -= len(piece)
-            self._done = not self._left
-            self._data += piece
+        if self._chunked and not self._left:
+            self._left = self._next_chunk_size()
+            if not self._left:
+                self._done = True
+                return False
+        piece = self._raw or self._recv(self._left)
+        piece, self._raw = piece[:self._left], piece[self._left:]
+        self._left -= len(piece)
+        self._done = not (self._chunked or self._left)
+        self._data += piece
         return True
 
-    def _next_chunk(self):
+    def _next_chunk_size(self):
+        """Read a chunk-size line (after the previous chunk's CRLF); 0 for the last chunk."""
+        if self._after_chunk and self._raw_line():
+            raise _HTTPError(400, "chunk data longer than its size")
+        self._after_chunk = True
         size = self._raw_line().split(b";", 1)[0].strip()  # chunk extensions are ignored
         if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
             raise _HTTPError(400, "malformed chunk size")
-        size = int(size, 16)
-        if size == 0:
-            for _ in range(MAX_HEADERS + 1):  # trailers, ignored
-                if not self._raw_line():
-                    self._done = True
-                    return b""
-            raise _HTTPError(431, "too many trailer lines")
-        data = self._raw_exactly(size + 2)
-        if data[-2:] != b"\r\n":
-            raise _HTTPError(400, "chunk data longer than its size")
-        return data[:-2]
+        if int(size, 16):
+            return int(size, 16)
+        for _ in range(MAX_HEADERS + 1):  # trailers, ignored
+            if not self._raw_line():
+                return 0
+        raise _HTTPError(431, "too many trailer lines")
 
     def _raw_line(self):
         while b"\n" not in self._raw:
@@ -919,15 +924,6 @@ class _Body:
             self._raw += self._recv(65536)
         line, _, self._raw = self._raw.partition(b"\n")
         return line[:-1] if line.endswith(b"\r") else line
-
-    def _raw_exactly(self, size):
-        pieces, have = [self._raw], len(self._raw)
-        while have < size:
-            pieces.append(self._recv(size - have))
-            have += len(pieces[-1])
-        data = b"".join(pieces)
-        self._raw = data[size:]
-        return data[:size]
 
     def _take(self, size):
         data = bytes(self._data[:size])
