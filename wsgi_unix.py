@@ -485,7 +485,8 @@ class WSGIServer(simple_server.WSGIServer):
                 self._wakeup_r.recv(4096)
                 while self._arrivals:
                     conn, address, received = self._arrivals.popleft()
-                    waiting[conn] = [address, received, time.monotonic() + self.timeout]
+                    # a bytearray: appending to bytes would copy the whole head each time
+                    waiting[conn] = [address, bytearray(received), time.monotonic() + self.timeout]
                     selector.register(conn, selectors.EVENT_READ)
             else:
                 self._on_waiting_readable(key.fileobj, waiting, selector)
@@ -506,8 +507,9 @@ class WSGIServer(simple_server.WSGIServer):
         except OSError:
             data = b""
         if data:
+            scanned = len(entry[1])
             entry[1] += data
-            if not _head_ready(entry[1]):
+            if not _head_ready(entry[1], scanned):
                 return
         selector.unregister(conn)
         del waiting[conn]
@@ -515,7 +517,7 @@ class WSGIServer(simple_server.WSGIServer):
             self._close(conn)  # the client gave up before sending a whole request
             return
         self._begin()
-        threading.Thread(target=self._serve_connection, args=(conn, entry[0], entry[1]),
+        threading.Thread(target=self._serve_connection, args=(conn, entry[0], bytes(entry[1])),
                          name=f"{PROG}-waited", daemon=True).start()
 
     def _stop_accepting(self, deadline):
@@ -646,13 +648,15 @@ class WSGIServer(simple_server.WSGIServer):
             sys.stderr.write(f"{PROG}: {message}\n")
 
 
-def _head_ready(received):
-    """True once ``received`` holds a whole request head, or too much to be a valid one."""
-    if _HEAD_END.search(received):
+def _head_ready(received, scanned=0):
+    """True once ``received`` holds a whole request head, or too much to be a valid one.
+
+    Only what came after the first ``scanned`` bytes is searched: a client that trickles a
+    256 KiB head a byte at a time must not make us scan it 256 Ki times.
+    """
+    if _HEAD_END.search(received, max(0, scanned - 3)) or len(received) > MAX_HEAD:
         return True
-    if len(received) > MAX_HEAD:
-        return True
-    return b"\n" not in received[:MAX_LINE + 1] and len(received) > MAX_LINE
+    return len(received) > MAX_LINE and received.find(b"\n", 0, MAX_LINE + 1) == -1
 
 
 # --- The request handler ------------------------------------------------------------------
