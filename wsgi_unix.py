@@ -1502,7 +1502,8 @@ def _parse_command_line(argv):
     server.add_argument("--threads", type=positive(int), default=8, metavar="N",
                         help="threads that accept and serve connections (default: %(default)s)")
     server.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                        help="for a request to arrive, head and body (default: %(default)g); then 408")
+                        help="for the request head to arrive, and between two reads of its "
+                             "body or writes of the response (default: %(default)g); then 408")
     server.add_argument("--graceful-timeout", type=positive(float), default=10.0, metavar="SECONDS",
                         help="for requests in flight to finish after SIGTERM (default: %(default)g)")
     server.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
