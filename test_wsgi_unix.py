@@ -1070,7 +1070,7 @@ class SlowClientTests(ServerTestCase):
         self.start_app()
         silent = open_idle(self.sock, 100)
         tricklers = open_idle(self.sock, 10)
-        stop = threading.Event()
+        stop, sent = threading.Event(), []
 
         def trickle():
             data = request_bytes("/")
@@ -1079,10 +1079,11 @@ class SlowClientTests(ServerTestCase):
                     return
                 for sock in tricklers:
                     sock.send(data[i:i + 1])
+                sent.append(i)
         thread = threading.Thread(target=trickle)
         thread.start()
         try:
-            time.sleep(0.2)  # let the tricklers get going
+            wait_for(lambda: len(sent) >= 3, "the tricklers to be under way")
             started = time.monotonic()
             self.assertEqual(get(self.sock)[0], 200)
             took = time.monotonic() - started
