@@ -690,6 +690,37 @@ class SocketFileTests(ServerTestCase):
         self.assertIn("no permission", lines[0])
         self.assertIn(locked, lines[0])
 
+    def test_another_users_stale_socket_in_a_sticky_directory_is_a_one_line_error(self):
+        sticky = os.path.join(self.dir, "sticky")
+        os.mkdir(sticky)
+        os.chmod(sticky, 0o1777)  # like /tmp: only a file's owner may remove it
+        path = os.path.join(sticky, "app.sock")
+        self.make_stale_socket(path)  # root's
+        os.chmod(path, 0o777)  # nobody may connect (and learn it is stale), not remove it
+        shutil.copy(SERVER, self.dir)
+        result = subprocess.run([python_for_nobody(), os.path.join(self.dir, "wsgi_unix.py"), path],
+                                preexec_fn=as_nobody, capture_output=True, text=True)
+        lines = result.stderr.splitlines()
+        self.assertEqual((result.returncode, len(lines)), (1, 1), lines)
+        self.assertIn("cannot remove the stale socket", lines[0])
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+    def test_an_unforeseen_os_error_is_one_line_too(self):
+        unsearchable = os.path.join(self.dir, "unsearchable")
+        os.mkdir(unsearchable, 0o644)  # nobody may list it, not look inside: lstat() fails
+        shutil.copy(SERVER, self.dir)
+        result = subprocess.run([python_for_nobody(), os.path.join(self.dir, "wsgi_unix.py"),
+                                 os.path.join(unsearchable, "app.sock")],
+                                preexec_fn=as_nobody, capture_output=True, text=True)
+        lines = result.stderr.splitlines()
+        self.assertEqual((result.returncode, len(lines)), (1, 1), lines)
+        self.assertIn("Permission denied", lines[0])
+
+    def test_a_fifo_at_path_is_never_removed(self):
+        os.mkfifo(self.sock)
+        self.assertOneLineError([self.sock], 1, "is a FIFO, not a socket")
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.sock).st_mode))
+
     def test_path_too_long_is_a_one_line_error(self):
         path = os.path.join(self.dir, "x" * 120 + ".sock")
         self.assertOneLineError([path], 1, "longer than the 107")

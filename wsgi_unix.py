@@ -300,7 +300,11 @@ class ListenAddress:
         # different program put there since the probe.
         now = os.lstat(self.path)
         if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except PermissionError:  # e.g. another user's, in a sticky directory like /tmp
+                raise ServeError(f"{self}: cannot remove the stale socket {self.path} (not ours "
+                                 f"to remove); remove it as its owner, or choose another path") from None
 
     def remove_socket_file(self, locked=False):
         """Remove the socket file if the path still holds the one this process created.
@@ -1588,6 +1592,9 @@ def main(argv=None):
         return 2
     except ServeError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
+        return 1
+    except OSError as exc:  # what the checks above did not foresee: still one line, not a traceback
+        sys.stderr.write(f"{PROG}: {args.address}: {exc}\n")
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130
