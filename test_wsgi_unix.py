@@ -467,6 +467,7 @@ class CommandLineAddressTests(ServerTestCase):
             self.assertOneLineError([f"fd:{unbound.fileno()}"], 2, "not a listening stream socket",
                                     pass_fds=[unbound.fileno()])
         self.assertOneLineError(["fd:99"], 2, "fd:99")
+        self.assertOneLineError(["fd:99999999999999999999"], 2, "not an open socket")
 
     def test_serves_on_ipv4_with_the_port_it_was_given(self):
         server = self.start_app("127.0.0.1:0")
@@ -1377,6 +1378,11 @@ class CommandLineTests(ServerTestCase):
         self.assertOneLineError([], 2, "ADDRESS")
         self.assertOneLineError(["--threads", "0", self.sock], 2, "--threads")
         self.assertOneLineError(["--mode", "999", self.sock], 2, "--mode")
+        self.assertOneLineError(["--timeout", "nan", self.sock], 2, "--timeout")
+        self.assertOneLineError(["--graceful-timeout", "inf", self.sock], 2, "--graceful-timeout")
+        self.assertOneLineError(["--group", "4294967296", self.sock], 1, "out of range")
+        self.assertOneLineError(["--allow-uid", "4294967295", self.sock], 1, "out of range")
+        self.assertFalse(os.path.lexists(self.sock))  # refused before the socket was made
         self.assertOneLineError(["--app", "testapp:app", self.sock, "--", "date"], 2, "not both")
         result = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True)
         self.assertEqual(result.returncode, 0)

@@ -203,9 +203,9 @@ class ListenAddress:
     def _inherit(self):
         try:
             sock = socket.socket(fileno=self.fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise AddressError(f"{self}: file descriptor {self.fd} is not an open socket "
-                               f"({exc.strerror})") from None
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
         if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET,
                                                                   socket.SO_ACCEPTCONN):
             sock.detach()  # not ours to close
@@ -335,18 +335,24 @@ def _describe(info):
 
 def _user_id(user):
     if isinstance(user, int) or (user.isascii() and user.isdigit()):
-        return int(user)
+        return _check_id(int(user), "uid")
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         raise ServeError(f"user {user!r} does not exist; give a user name or a uid") from None
 
 
+def _check_id(number, kind):
+    if not 0 <= number < 2 ** 32 - 1:  # (uid_t)-1 means "no change" to chown()
+        raise ServeError(f"{kind} {number} is out of range")
+    return number
+
+
 def _group_id(group):
     if group is None or isinstance(group, int):
         return group
     if group.isascii() and group.isdigit():
-        return int(group)
+        return _check_id(int(group), "gid")
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -372,6 +378,7 @@ class WSGIServer(simple_server.WSGIServer):
                  timeout=30.0, graceful_timeout=10.0, max_connections=1024, access_log=True,
                  allow_uids=None, proxy_headers=False, forwarded_allow_ips=(), script_name=""):
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
+        self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
         # TCPServer.__init__ would make a socket of one fixed family; the address makes ours.
         socketserver.BaseServer.__init__(self, str(self.listen_address),
                                          RequestHandlerClass or WSGIRequestHandler)
@@ -384,7 +391,6 @@ class WSGIServer(simple_server.WSGIServer):
         else:
             self.server_name, self.server_port = self.server_address[:2]
         self.setup_environ()
-        self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
         self.proxy_headers = proxy_headers
         self.forwarded_allow_ips = set(forwarded_allow_ips)
         self.script_name = script_name
@@ -1465,7 +1471,7 @@ def _parse_command_line(argv):
                 value = kind(text)
             except ValueError:
                 value = 0
-            if value <= 0:
+            if not 0 < value < float("inf"):  # also refuses nan
                 raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
             return value
         return check
