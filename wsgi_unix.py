@@ -410,6 +410,7 @@ class WSGIServer(simple_server.WSGIServer):
         self._generation = 0  # counts promotions; a leader whose generation passed, follows
         self._leader_busy_since = None
         self._followers = 0
+        self._logged = set()  # messages said once
         if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
                                             or _PEERCRED is None):
             self.server_close()
@@ -449,6 +450,7 @@ class WSGIServer(simple_server.WSGIServer):
         how often it looks for clients that have run out of time.
         """
         self._stopped.clear()
+        self._poll_interval, self._next_expiry_scan = poll_interval, 0.0
         # Made before the threads start: once they accept, descriptors may run out.
         selector = selectors.DefaultSelector()
         selector.register(self._wakeup_r, selectors.EVENT_READ)
@@ -500,6 +502,9 @@ class WSGIServer(simple_server.WSGIServer):
             else:
                 self._on_waiting_readable(key.fileobj, waiting, selector)
         now = time.monotonic()
+        if now < self._next_expiry_scan:
+            return
+        self._next_expiry_scan = now + self._poll_interval
         for conn in [c for c, entry in waiting.items() if entry[2] < now]:
             selector.unregister(conn)
             del waiting[conn]
@@ -648,8 +653,6 @@ class WSGIServer(simple_server.WSGIServer):
             pass
         finally:
             self._slots.release()
-
-    _logged = set()
 
     def _log_line(self, message, once=False):
         if not (once and message in self._logged):
