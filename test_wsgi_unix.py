@@ -674,6 +674,17 @@ class SocketFileTests(ServerTestCase):
         with open(self.sock) as f:
             self.assertEqual(f.read(), "not yours")
 
+    def test_a_vanished_directory_does_not_spoil_the_shutdown(self):
+        # e.g. /run/app removed by a clean-up job while the server runs
+        directory = os.path.join(self.dir, "run")
+        os.mkdir(directory)
+        server = self.start_app("--graceful-timeout", "60", os.path.join(directory, "app.sock"))
+        shutil.rmtree(directory)
+        server.signal(signal.SIGTERM)
+        # It used to wait out the graceful timeout, then exit 1 for the missing directory.
+        self.assertEqual(server.wait(timeout=DEADLINE), 0)
+        self.assertNotIn("does not exist", server.log())
+
     def test_missing_directory_is_a_one_line_error(self):
         path = os.path.join(self.dir, "missing", "app.sock")
         self.assertOneLineError([path], 1, "does not exist; create it first")

@@ -298,13 +298,15 @@ class ListenAddress:
             probe.close()
         # The lock keeps wsgi_unix starters out; this keeps us from removing a file that a
         # different program put there since the probe.
-        now = os.lstat(self.path)
-        if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
-            try:
+        try:
+            now = os.lstat(self.path)
+            if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
                 os.unlink(self.path)
-            except PermissionError:  # e.g. another user's, in a sticky directory like /tmp
-                raise ServeError(f"{self}: cannot remove the stale socket {self.path} (not ours "
-                                 f"to remove); remove it as its owner, or choose another path") from None
+        except FileNotFoundError:
+            pass  # someone else removed it meanwhile
+        except PermissionError:  # e.g. another user's, in a sticky directory like /tmp
+            raise ServeError(f"{self}: cannot remove the stale socket {self.path} (not ours "
+                             f"to remove); remove it as its owner, or choose another path") from None
 
     def remove_socket_file(self, locked=False):
         """Remove the socket file if the path still holds the one this process created.
@@ -315,7 +317,10 @@ class ListenAddress:
         identity, self._identity = self._identity, None
         if identity is None:
             return
-        lock = None if locked else self._lock_directory()
+        try:
+            lock = None if locked else self._lock_directory()
+        except ServeError:
+            return  # its directory is gone (or closed to us): no file of ours to remove there
         try:
             info = os.lstat(self.path)
             if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == identity:
