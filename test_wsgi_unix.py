@@ -257,7 +257,9 @@ def get(path, url="/", method="GET", body=None, headers=None):
 
 def raw_request(path, data, timeout=DEADLINE):
     """Send raw bytes, return everything the server answers until it closes."""
-    family = socket.AF_INET if isinstance(path, tuple) else socket.AF_UNIX
+    family = socket.AF_UNIX
+    if isinstance(path, tuple):
+        family = socket.AF_INET6 if ":" in path[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -1802,6 +1804,21 @@ class ProxyHeaderTests(ServerTestCase):
     def test_forwarded_allow_ips_needs_proxy_headers(self):
         self.assertOneLineError(["--forwarded-allow-ips", "127.0.0.1", self.sock], 2,
                                 "--proxy-headers")
+
+    def test_forwarded_allow_ips_takes_addresses_only(self):
+        # A network or a name would silently match no peer: refuse it instead.
+        for wrong in ("10.0.0.0/8", "*", "proxy.example", "127.0.0.1,"):
+            self.assertOneLineError(["--proxy-headers", "--forwarded-allow-ips", wrong, self.sock],
+                                    2, "is not an IP address")
+
+    def test_an_ipv4_proxy_on_a_dual_stack_socket_is_trusted_by_its_ipv4_address(self):
+        server = self.start_app("--proxy-headers", "--forwarded-allow-ips", "127.0.0.1", "[::]:0")
+        port = int(server.wait_ready().rsplit(":", 1)[1])
+        environ = self.environ_via(("127.0.0.1", port), self.HEADERS)  # arrives as ::ffff:127.0.0.1
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]),
+                         ("198.51.100.7", "https"))
+        environ = self.environ_via(("::1", port), self.HEADERS)  # not on the list
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("::1", "http"))
 
     def test_script_name_mounts_the_app_under_a_prefix(self):
         self.start_app("--script-name", "/app", self.sock)

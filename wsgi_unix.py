@@ -353,6 +353,26 @@ def _check_id(number, kind):
     return number
 
 
+def _ip_addresses(texts):
+    """The set of IP addresses in ``texts``, in the form the kernel reports a peer's address."""
+    if not texts:
+        return set()
+    import ipaddress  # only here: 2 ms of start-up for those who need it
+    addresses = set()
+    for text in texts:
+        try:
+            addresses.add(_unmapped(str(ipaddress.ip_address(text.strip()))))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address like 127.0.0.1 or ::1 (networks "
+                             f"and names are not accepted)") from None
+    return addresses
+
+
+def _unmapped(address):
+    # On a dual-stack [::] socket an IPv4 peer shows up as ::ffff:127.0.0.1.
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
 def _group_id(group):
     if group is None or isinstance(group, int):
         return group
@@ -397,7 +417,7 @@ class WSGIServer(simple_server.WSGIServer):
             self.server_name, self.server_port = self.server_address[:2]
         self.setup_environ()
         self.proxy_headers = proxy_headers
-        self.forwarded_allow_ips = set(forwarded_allow_ips)
+        self.forwarded_allow_ips = _ip_addresses(forwarded_allow_ips)
         self.script_name = script_name
         self.threads = threads
         self.timeout = timeout
@@ -825,8 +845,9 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
                 env[key] += "," + value
             else:
                 env[key] = value
-        if self.server.proxy_headers and (self.server.address_family == socket.AF_UNIX or
-                                          self.client_address[0] in self.server.forwarded_allow_ips):
+        trusted = (self.server.address_family == socket.AF_UNIX or
+                   _unmapped(self.client_address[0]) in self.server.forwarded_allow_ips)
+        if self.server.proxy_headers and trusted:
             # nginx's $proxy_add_x_forwarded_for appends the address it saw: the last one.
             forwarded_for = env.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
             if forwarded_for:
@@ -1495,6 +1516,12 @@ def _parse_command_line(argv):
             raise argparse.ArgumentTypeError(f"{text!r} is not a size like 65536, 64K or 16M")
         return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
+    def ip_addresses(text):
+        try:
+            return _ip_addresses(text.split(","))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+
     def methods(text):
         names = [name.strip().upper() for name in text.split(",")]
         if not all(_TOKEN.match(name.encode()) for name in names):
@@ -1532,8 +1559,7 @@ def _parse_command_line(argv):
     server.add_argument("--proxy-headers", action="store_true",
                         help="take REMOTE_ADDR from X-Forwarded-For and the scheme from "
                              "X-Forwarded-Proto, from Unix peers and --forwarded-allow-ips only")
-    server.add_argument("--forwarded-allow-ips", type=lambda text: set(text.split(",")),
-                        default=set(), metavar="IP[,IP...]",
+    server.add_argument("--forwarded-allow-ips", type=ip_addresses, default=set(), metavar="IP[,IP...]",
                         help="TCP peers whose proxy headers are trusted (default: none)")
     server.add_argument("--script-name", metavar="/PREFIX", type=script_name, default="",
                         help="mount the app under this path; requests outside it get 404")
