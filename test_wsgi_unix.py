@@ -504,6 +504,12 @@ class CommandLineAddressTests(ServerTestCase):
             self.assertEqual(server.wait(), 0)
             self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # not ours to remove
 
+    def test_a_mode_that_lets_every_user_connect_is_honoured_with_a_warning(self):
+        server = self.start_app("--mode", "666", self.sock)
+        self.assertIn("every local user", server.wait_line("warning"))
+        self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o666)
+        self.assertEqual(get(self.sock)[0], 200)
+
     def test_abstract_socket_serves_and_warns(self):
         name = f"@wsgi_unix-test-{os.getpid()}-{id(self)}"
         server = self.start_app("unix:" + name)

@@ -1434,6 +1434,10 @@ def serve(app, address, **options):
             if server.listen_address.kind == "abstract":
                 sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket; anyone in this "
                                  f"network namespace can connect to it\n")
+            elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
+                # connect() needs write permission: "others" may send requests.
+                sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
+                                 f"connect to {server}; 660 with --group is the usual choice\n")
             sys.stderr.write(f"{PROG}: serving on {server}\n")
             sys.stderr.flush()
             _notify_systemd("READY=1")
