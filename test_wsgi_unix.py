@@ -504,6 +504,12 @@ class CommandLineAddressTests(ServerTestCase):
             self.assertEqual(server.wait(), 0)
             self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # not ours to remove
 
+    def test_mode_and_group_without_a_socket_file_are_usage_errors(self):
+        # Silently ignored, they would let a user believe the permissions were set.
+        for address in ("127.0.0.1:0", "unix:@wsgi_unix-test", "fd:3"):
+            for option in (["--mode", "660"], ["--group", "0"]):
+                self.assertOneLineError(option + [address], 2, "--mode and --group")
+
     def test_a_mode_that_lets_every_user_connect_is_honoured_with_a_warning(self):
         server = self.start_app("--mode", "666", self.sock)
         self.assertIn("every local user", server.wait_line("warning"))

@@ -1544,7 +1544,7 @@ def _parse_command_line(argv):
     server = parser.add_argument_group("server")
     server.add_argument("--app", metavar="MODULE:CALLABLE",
                         help="serve this WSGI callable, imported from the current directory")
-    server.add_argument("--mode", type=mode, default=0o600, metavar="OCTAL",
+    server.add_argument("--mode", type=mode, metavar="OCTAL",
                         help="socket file mode, in force before listen() (default: 600; nginx: 660)")
     server.add_argument("--group", metavar="NAME|GID",
                         help="socket file group, e.g. www-data (default: the process's group)")
@@ -1618,6 +1618,10 @@ def main(argv=None):
     args, command = _parse_command_line(argv)
     try:
         address = ListenAddress(args.address)
+        if address.kind != "unix" and (args.mode is not None or args.group is not None):
+            where = ("systemd's SocketMode= and SocketGroup= set them" if address.inherited
+                     else "this address has no socket file")
+            raise AddressError(f"{address}: --mode and --group are a socket file's; {where}")
         if args.app:
             app = _load_app(args.app)
         else:
@@ -1625,8 +1629,8 @@ def main(argv=None):
                               max_body=args.max_body, max_output=args.max_output,
                               timeout=args.command_timeout, methods=args.methods,
                               max_procs=args.max_procs or args.threads)
-        serve(app, address, mode=args.mode, group=args.group, threads=args.threads,
-              timeout=args.timeout, graceful_timeout=args.graceful_timeout,
+        serve(app, address, mode=0o600 if args.mode is None else args.mode, group=args.group,
+              threads=args.threads, timeout=args.timeout, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=not args.quiet,
               allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
               proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
