@@ -1407,9 +1407,8 @@ def _command_path():
 def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequestHandler, **options):
     """Return a bound, listening WSGIServer for ``app`` on ``address`` (a context manager).
 
-    ``address`` is a ListenAddress or its text; ``options`` are WSGIServer's keywords:
-    ``mode``, ``group``, ``threads``, ``timeout``, ``graceful_timeout``, ``max_connections``,
-    ``access_log``.
+    ``address`` is a ListenAddress or its text; ``options`` are WSGIServer's keywords
+    (``mode``, ``group``, ``threads``, ``timeout``, ``proxy_headers``... as on the command line).
     """
     server = server_class(address, handler_class, **options)
     server.set_app(app)
