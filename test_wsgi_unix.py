@@ -975,6 +975,18 @@ class MalformedRequestTests(ServerTestCase):
             self.assertEqual(get(self.sock)[0], 200)
         self.assertNotIn("Traceback", server.log())
 
+    def test_a_client_that_hangs_up_before_its_error_answer_costs_one_line_not_a_traceback(self):
+        server = self.start_app()
+        for data, _ in self.CASES * 3:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(self.sock)
+                sock.sendall(data)  # and goes, before the answer can be sent
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertNotIn("Traceback", server.log())
+        self.assertIn("client went away", server.log())
+
     def test_chunked_body_is_decoded_and_input_is_terminated(self):
         self.start_app()
         chunks = b"6;ext=1\r\nhello\n\r\nB\r\nworld, more\r\n0\r\nTrailer: x\r\n\r\n"

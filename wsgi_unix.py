@@ -698,6 +698,10 @@ def _head_ready(received, scanned=0):
 
 # --- The request handler ------------------------------------------------------------------
 
+# What a send to a client that hung up (or stopped reading: see _SocketWriter) raises.
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class _HTTPError(Exception):
     def __init__(self, status, reason):
         super().__init__(reason)
@@ -803,7 +807,10 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             if allowed is not None and environ["wsgi_unix.peer"][1] not in allowed:
                 raise _HTTPError(403, f"uid {environ['wsgi_unix.peer'][1]} may not connect")
         except _HTTPError as error:
-            self.send_error(error.status, None, str(error))
+            try:
+                self.send_error(error.status, None, str(error))
+            except _CLIENT_GONE as exc:  # it hung up without waiting for the answer
+                self.log_error("client went away: %s", exc)
             return
         handler = ServerHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self  # wsgiref's back-pointer, for logging
@@ -1054,11 +1061,14 @@ class ServerHandler(simple_server.ServerHandler):
             self.setup_environ()
             self.result = application(self.environ, self.start_response)
             self.finish_response()
-        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError) as exc:
+        except _CLIENT_GONE as exc:
             self.request_handler.log_error("client went away: %s", exc)
         except:  # noqa: E722 -- as wsgiref: whatever the app raised, answer 500
             try:
                 self.handle_error()
+            except _CLIENT_GONE as exc:  # before it could hear of the error
+                self.close()
+                self.request_handler.log_error("client went away: %s", exc)
             except:  # noqa: E722
                 self.close()
                 raise
