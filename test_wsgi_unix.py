@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -986,6 +987,20 @@ class MalformedRequestTests(ServerTestCase):
         self.assertEqual(server.wait(), 0)
         self.assertNotIn("Traceback", server.log())
         self.assertIn("client went away", server.log())
+
+    def test_tcp_clients_that_reset_their_connection_cost_no_traceback(self):
+        server = self.start_app("127.0.0.1:0")
+        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
+        for data in [b"", b"GET / HTTP/1.0\r\n", b"GET / HTTP/1.0\r\n\r\n"] * 30:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.connect(target)
+                sock.sendall(data)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # closed with SO_LINGER 0: a reset, not a FIN
+        self.assertEqual(status_of(raw_request(target, request_bytes())), 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertNotIn("Traceback", server.log())
 
     def test_chunked_body_is_decoded_and_input_is_terminated(self):
         self.start_app()

@@ -651,6 +651,8 @@ class WSGIServer(simple_server.WSGIServer):
                     self._wake()
                     conn = None  # the waiting room's now
                     return
+                except OSError:
+                    data = b""  # reset (TCP)
                 if not data:
                     return  # the client gave up before sending a whole request
                 received += data
