@@ -1197,6 +1197,69 @@ class SlowClientTests(ServerTestCase):
         self.assertNotIn("Traceback", server.log())
         server.wait_line("did not arrive in time")
 
+    def trickle(self, sock, send=b"", chunk=100, pause=0.05):
+        """Send ``send``, or else read, ``chunk`` bytes per ``pause`` seconds; return what was
+        read once the server closes (or fail at the deadline)."""
+        received, end = b"", time.monotonic() + DEADLINE
+        for start in range(0, len(send), chunk):
+            try:
+                sock.sendall(send[start:start + chunk])
+            except OSError:
+                break  # answered and closed
+            time.sleep(pause)
+            self.assertLess(time.monotonic(), end, "still taking a trickled body")
+        while True:
+            data = sock.recv(chunk)
+            if not data:
+                return received
+            received += data
+            time.sleep(0 if send else pause)
+            self.assertLess(time.monotonic(), end, "still reading")
+
+    def test_a_body_trickled_a_few_bytes_at_a_time_gets_408(self):
+        # Each piece comes well within --timeout, but 64 KiB must come per --timeout.
+        server = self.start_app("--timeout", "1", self.sock)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 1000000"]))
+            answer = self.trickle(sock, send=b"x" * 1000000)
+        self.assertEqual(status_of(answer), 408)
+        server.wait_line("did not arrive in time")
+
+    def test_a_client_that_reads_a_few_bytes_at_a_time_is_cut_off(self):
+        server = self.start_app("--timeout", "1", self.sock)
+        big_file = os.path.join(self.dir, "big")
+        with open(big_file, "wb") as f:
+            f.write(b"f" * 8000000)
+        for count, url in enumerate(("/big?8000000", f"/file?{big_file}"), 1):  # and sendfile()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(DEADLINE)
+                sock.connect(self.sock)
+                sock.sendall(request_bytes(url))
+                # What the socket buffers hold still comes after the server gives up.
+                end = time.monotonic() + DEADLINE
+                while server.log().count("client stopped reading") < count:
+                    self.assertTrue(sock.recv(100), url)
+                    time.sleep(0.05)
+                    self.assertLess(time.monotonic(), end, f"still serving {url} to a trickler")
+        self.assertNotIn("Traceback", server.log())
+
+    def test_a_slow_but_steady_client_is_served_in_full(self):
+        self.start_app("--timeout", "1", self.sock)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # ~256 KiB/s each way
+            sock.settimeout(DEADLINE)
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 600000"]))
+            answer = self.trickle(sock, send=b"x" * 600000, chunk=16384, pause=0.0625)
+        self.assertEqual(split_response(answer)[::2], (200, b"600000"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(self.sock)
+            sock.sendall(request_bytes("/big?655360"))
+            answer = self.trickle(sock, chunk=16384, pause=0.0625)
+        self.assertEqual(len(split_response(answer)[2]), 655360)
+
     def test_a_thousand_idle_connections_stay_cheap_and_the_server_serves(self):
         server = self.start_app()
         idle = open_idle(self.sock, 1000)

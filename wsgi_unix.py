@@ -67,6 +67,9 @@ SERVER_SOFTWARE = "wsgi_unix/" + __version__
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_HEAD = 256 * 1024
+# After its head, a client must send (or read) at least this much per --timeout seconds: with a
+# deadline per recv() or send() alone, a few bytes now and then would hold a thread for good.
+PROGRESS = 64 * 1024
 # How long a stopping server waits for connections it accepted to send their request.
 _STOP_LINGER = 1.0
 # How long one request may keep the accepting thread before another thread takes over.
@@ -921,17 +924,27 @@ class _Body:
         self._done = length == 0
         self._after_chunk = False  # a chunk's data was read: its CRLF comes next
         self._expect_continue = expect_continue
+        self._timeout = sock.gettimeout()
+        self._window_end, self._window_left = 0.0, 0  # PROGRESS bytes are due by _window_end
 
     def _recv(self, size):
         if self._expect_continue:
             self._expect_continue = False
             self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._timeout is not None:
+            if self._window_left <= 0:
+                self._window_end, self._window_left = time.monotonic() + self._timeout, PROGRESS
+            # Past the window's end, only what has arrived already counts (timeout 0).
+            self._sock.settimeout(max(0.0, self._window_end - time.monotonic()))
         try:
             data = self._sock.recv(min(size, 65536))
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             raise _HTTPError(408, "the request body did not arrive in time") from None
+        finally:
+            self._sock.settimeout(self._timeout)  # for the response
         if not data:
             raise ConnectionResetError("the client closed before sending the whole body")
+        self._window_left -= len(data)
         return data
 
     def _more(self):
@@ -1013,14 +1026,15 @@ class _SocketWriter:
         self._sock = sock
 
     def write(self, data):
-        # Not sendall(): its timeout covers the whole call, and a large response to a slow
-        # but steady reader must not fail; the timeout here is per send().
+        # sendall()'s timeout covers the whole call: PROGRESS bytes at a time, each within the
+        # timeout -- a slow but steady reader is served, a trickling one does not hold us.
         try:
-            sent = self._sock.send(data)
-            if sent < len(data):
-                with memoryview(data) as view:
-                    while sent < len(data):
-                        sent += self._sock.send(view[sent:])
+            if len(data) <= PROGRESS:
+                self._sock.sendall(data)
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), PROGRESS):
+                    self._sock.sendall(view[start:start + PROGRESS])
         except socket.timeout:
             # A client that stops reading has gone away as surely as one that hung up.
             raise ConnectionAbortedError("the client stopped reading") from None
@@ -1042,6 +1056,29 @@ def _http_date():
     if _date_cache[0] != now:  # formatdate costs more than the rest of a small response
         _date_cache[:] = [now, formatdate(now, usegmt=True)]
     return _date_cache[1]
+
+
+def _send_file(sock, fd, offset, count):
+    """os.sendfile() under _SocketWriter's rule: PROGRESS bytes per timeout, or give up.
+
+    (socket.sendfile() waits up to the timeout for each bit of room, however small.)
+    """
+    timeout, end = sock.gettimeout(), offset + count
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while offset < end:
+        due, block_end = time.monotonic() + timeout, min(end, offset + PROGRESS)
+        while offset < block_end:
+            try:
+                sent = os.sendfile(sock.fileno(), fd, offset, block_end - offset)
+            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+                left = due - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    raise ConnectionAbortedError("the client stopped reading") from None
+                continue
+            if not sent:
+                return  # the file is shorter than it was
+            offset += sent
 
 
 class ServerHandler(simple_server.ServerHandler):
@@ -1142,7 +1179,7 @@ class ServerHandler(simple_server.ServerHandler):
         self.send_headers()
         self._write(b"")  # the head
         if self.environ["REQUEST_METHOD"] != "HEAD" and count:
-            self.request_handler.connection.sendfile(file, offset, count)
+            _send_file(self.request_handler.connection, file.fileno(), offset, count)
         self.bytes_sent = count
         return True
 
@@ -1562,8 +1599,8 @@ def _parse_command_line(argv):
     server.add_argument("--threads", type=positive(int), default=8, metavar="N",
                         help="threads that accept and serve connections (default: %(default)s)")
     server.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                        help="for the request head to arrive, and between two reads of its "
-                             "body or writes of the response (default: %(default)g); then 408")
+                        help="for the request head to arrive, then for each 64 KiB of its body "
+                             "or of the response (default: %(default)g); then 408 or a close")
     server.add_argument("--graceful-timeout", type=positive(float), default=10.0, metavar="SECONDS",
                         help="for requests in flight to finish after SIGTERM (default: %(default)g)")
     server.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
