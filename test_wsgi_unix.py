@@ -1469,6 +1469,12 @@ class CommandLineTests(ServerTestCase):
         self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
         self.assertIn(b"UTC", body)
 
+    def test_it_also_runs_as_a_module_from_its_directory(self):
+        # python3 -m wsgi_unix: the README's way to start from cached bytecode
+        shutil.copy(SERVER, self.dir)
+        self.start(command=[sys.executable, "-m", "wsgi_unix", "--app", "testapp:app", self.sock])
+        self.assertEqual(get(self.sock)[0], 200)
+
     def test_command_failure_gives_500(self):
         self.start(self.sock, "--", "sh", "-c", "echo partial; exit 3")
         status, _, body = get(self.sock)
