@@ -924,18 +924,17 @@ class _Body:
         self._done = length == 0
         self._after_chunk = False  # a chunk's data was read: its CRLF comes next
         self._expect_continue = expect_continue
-        self._timeout = sock.gettimeout()
+        self._timeout = sock.gettimeout()  # the server's --timeout
         self._window_end, self._window_left = 0.0, 0  # PROGRESS bytes are due by _window_end
 
     def _recv(self, size):
         if self._expect_continue:
             self._expect_continue = False
             self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self._timeout is not None:
-            if self._window_left <= 0:
-                self._window_end, self._window_left = time.monotonic() + self._timeout, PROGRESS
-            # Past the window's end, only what has arrived already counts (timeout 0).
-            self._sock.settimeout(max(0.0, self._window_end - time.monotonic()))
+        if self._window_left <= 0:
+            self._window_end, self._window_left = time.monotonic() + self._timeout, PROGRESS
+        # Past the window's end, only what has arrived already counts (timeout 0).
+        self._sock.settimeout(max(0.0, self._window_end - time.monotonic()))
         try:
             data = self._sock.recv(min(size, 65536))
         except (socket.timeout, BlockingIOError):
