@@ -1664,6 +1664,18 @@ class CommandAppTests(ServerTestCase):
         self.assertOneLineError([self.sock, "--", "./script.sh"], 1, "not executable")
         self.assertFalse(os.path.lexists(self.sock))
 
+    def test_a_command_gone_since_start_up_gives_500_and_one_log_line(self):
+        script = self.write_script("script.sh", "echo hi\n")
+        server = self.serve_command(script)
+        self.assertEqual(get(self.sock)[0:3:2], (200, b"hi\n"))
+        os.unlink(script)  # e.g. mid-upgrade
+        for _ in range(2):
+            status, _, body = get(self.sock)
+            self.assertEqual((status, body), (500, b"500 Internal Server Error: the command could "
+                                                   b"not be started\n"))
+        self.assertIn("cannot start", server.wait_line("cannot start"))
+        self.assertNotIn("Traceback", server.log())
+
     def test_methods_are_limited_and_head_runs_without_a_body(self):
         self.serve_command("echo", "hello")
         status, response, _ = get(self.sock, "/", "PUT", body=b"x")

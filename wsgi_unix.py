@@ -1250,6 +1250,9 @@ class _CommandApp:
             outcome, code, output = self._run(env, body, environ)
         finally:
             self._slots.release()
+        if outcome == "cannot start":
+            return _plain(start_response, "500 Internal Server Error",
+                          "the command could not be started")
         if outcome == "timeout":
             return _plain(start_response, "504 Gateway Timeout",
                           f"the command ran for more than {self.timeout:g} s")
@@ -1294,8 +1297,12 @@ class _CommandApp:
         """Run the command; return (outcome, exit status, standard output)."""
         import subprocess  # here, not at the top: 3 ms less start-up for an --app server
         deadline = time.monotonic() + self.timeout
-        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, start_new_session=True)
+        try:
+            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
+        except OSError as exc:  # gone since start-up, or out of processes or descriptors
+            self._log(environ, f"cannot start {self.argv[0]}: {exc.strerror or exc}")
+            return "cannot start", None, b""
         self._running.add(proc.pid)
         try:
             outcome, output = self._exchange(proc, body, environ, deadline)
