@@ -1383,6 +1383,68 @@ class LoadTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)
         server.wait_line("accept() failed")
 
+    def run_as_nobody_with_few_threads(self, *args, threads_allowed):
+        """Start a copy of wsgi_unix.py as nobody, allowed ``threads_allowed`` threads in all
+        (as a container's pids limit would), with its socket in a directory nobody owns."""
+        import resource
+        shutil.copy(SERVER, self.dir)
+        run = os.path.join(self.dir, "run")
+        os.mkdir(run)
+        os.chown(run, 65534, 65534)
+
+        def limited():
+            resource.setrlimit(resource.RLIMIT_NPROC, (threads_allowed, threads_allowed))
+            as_nobody()
+        command = [python_for_nobody(), os.path.join(self.dir, "wsgi_unix.py"), *args,
+                   os.path.join(run, "app.sock")]
+        return os.path.join(run, "app.sock"), command, limited
+
+    def test_running_out_of_threads_answers_503_and_the_server_lives(self):
+        # Main thread + 8 accepting threads + 2: most connections leaving the waiting room at
+        # once find no thread to serve them.
+        path, command, limited = self.run_as_nobody_with_few_threads(
+            "--quiet", "--app", "testapp:app", threads_allowed=11)
+        server = self.start(command=command, preexec_fn=limited)
+        descriptors = f"/proc/{server.proc.pid}/fd"
+        before = len(os.listdir(descriptors))
+        parked = []
+        for _ in range(30):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(DEADLINE)
+            sock.connect(path)
+            sock.sendall(b"GET /slow?0.5 HTTP/1.0\r\n")  # not a whole head: it waits
+            parked.append(sock)
+        wait_for(lambda: len(os.listdir(descriptors)) >= before + 30, "all 30 to be accepted")
+        statuses = []
+        for sock in parked:
+            sock.sendall(b"\r\n")
+        for sock in parked:
+            with sock:
+                answer = b""
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+            statuses.append(status_of(answer))
+        self.assertIn(503, statuses)
+        self.assertEqual(set(statuses), {200, 503})
+        self.assertEqual(get(path)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        server.wait_line("cannot start a thread")
+        self.assertNotIn("Traceback", server.log())
+
+    def test_too_few_threads_at_start_up_is_a_one_line_error(self):
+        path, command, limited = self.run_as_nobody_with_few_threads(threads_allowed=5)
+        result = subprocess.run(command, cwd=self.dir, preexec_fn=limited, capture_output=True,
+                                text=True, timeout=DEADLINE)
+        lines = result.stderr.splitlines()
+        self.assertEqual(result.returncode, 1, lines)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("cannot start 8 threads", lines[0])
+        self.assertFalse(os.path.lexists(path))
+
     def test_sigterm_under_load_completes_requests_and_exits_cleanly(self):
         server = self.start_app("--quiet", self.sock)
         errors, stop = [], threading.Event()

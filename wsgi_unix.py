@@ -470,12 +470,13 @@ class WSGIServer(simple_server.WSGIServer):
         except OSError:
             pass  # already full (a wake-up is pending) or closed (stopped)
 
-    def serve_forever(self, poll_interval=1.0):
+    def serve_forever(self, poll_interval=1.0, ready=None):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
         New connections are refused at once; requests in flight get ``graceful_timeout``
         seconds to finish.  This thread is the waiting room meanwhile; ``poll_interval`` is
-        how often it looks for clients that have run out of time.
+        how often it looks for clients that have run out of time.  ``ready()``, if given, is
+        called once the threads are there to serve (serve() says so on stderr then).
         """
         self._stopped.clear()
         self._poll_interval, self._next_expiry_scan = poll_interval, 0.0
@@ -484,8 +485,15 @@ class WSGIServer(simple_server.WSGIServer):
         selector.register(self._wakeup_r, selectors.EVENT_READ)
         accepters = [threading.Thread(target=self._accept_loop, name=f"{PROG}-{number}", daemon=True)
                      for number in range(self.threads)]
-        for thread in accepters:
-            thread.start()
+        try:
+            for thread in accepters:
+                thread.start()
+        except RuntimeError as exc:
+            self._stop_requested = True
+            raise ServeError(f"{self}: cannot start {self.threads} threads ({exc}); lower "
+                             f"--threads, or raise the limit on processes") from None
+        if ready is not None:
+            ready()
         waiting = {}  # connection -> [client address, bytes received, deadline]
         stop_began = time.monotonic()
         try:
@@ -559,8 +567,14 @@ class WSGIServer(simple_server.WSGIServer):
             self._close(conn)  # the client gave up before sending a whole request
             return
         self._begin()
-        threading.Thread(target=self._serve_connection, args=(conn, entry[0], bytes(entry[1])),
-                         name=f"{PROG}-waited", daemon=True).start()
+        try:
+            threading.Thread(target=self._serve_connection, args=(conn, entry[0], bytes(entry[1])),
+                             name=f"{PROG}-waited", daemon=True).start()
+        except RuntimeError as exc:  # out of threads: a container's pids limit, say
+            self._end()
+            self._close(conn, b"HTTP/1.0 503 Service Unavailable\r\nConnection: close\r\n"
+                              b"Content-Length: 0\r\n\r\n")
+            self._log_line(f"cannot start a thread ({exc}); answering 503", once=True)
 
     def _stop_accepting(self, deadline):
         """Refuse new connections, serve the ones already queued, stop the accept threads."""
@@ -589,6 +603,11 @@ class WSGIServer(simple_server.WSGIServer):
     def _begin(self):
         with self._idle:
             self._busy += 1
+
+    def _end(self):
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
 
     def _accept_loop(self):
         """One of the threads: a follower until promoted, then the leader until demoted.
@@ -666,9 +685,7 @@ class WSGIServer(simple_server.WSGIServer):
         finally:
             if conn is not None:
                 self._close(conn)
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+            self._end()
 
     def finish_request(self, request, client_address, received=b""):
         """Serve one connection whose request head (at least) is in ``received``."""
@@ -1473,7 +1490,7 @@ def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequest
 def serve(app, address, **options):
     """Serve ``app`` on ``address`` until SIGTERM or SIGINT (or shutdown()), then clean up.
 
-    Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once listening.
+    Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it serves.
     Signal handlers are installed only when called from the main thread.
     """
     with make_server(address, app, **options) as server:
@@ -1492,10 +1509,12 @@ def serve(app, address, **options):
                 # connect() needs write permission: "others" may send requests.
                 sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
                                  f"connect to {server}; 660 with --group is the usual choice\n")
-            sys.stderr.write(f"{PROG}: serving on {server}\n")
-            sys.stderr.flush()
-            _notify_systemd("READY=1")
-            server.serve_forever()
+
+            def ready():
+                sys.stderr.write(f"{PROG}: serving on {server}\n")
+                sys.stderr.flush()
+                _notify_systemd("READY=1")
+            server.serve_forever(ready=ready)
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
