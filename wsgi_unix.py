@@ -439,6 +439,7 @@ class WSGIServer(simple_server.WSGIServer):
         self._leader_busy_since = None
         self._followers = 0
         self._logged = set()  # messages said once
+        self.on_ready = None  # see serve_forever()
         if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
                                             or _PEERCRED is None):
             self.server_close()
@@ -470,13 +471,13 @@ class WSGIServer(simple_server.WSGIServer):
         except OSError:
             pass  # already full (a wake-up is pending) or closed (stopped)
 
-    def serve_forever(self, poll_interval=1.0, ready=None):
+    def serve_forever(self, poll_interval=1.0):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
         New connections are refused at once; requests in flight get ``graceful_timeout``
         seconds to finish.  This thread is the waiting room meanwhile; ``poll_interval`` is
-        how often it looks for clients that have run out of time.  ``ready()``, if given, is
-        called once the threads are there to serve (serve() says so on stderr then).
+        how often it looks for clients that have run out of time.  Once its threads are there
+        to serve, it calls ``on_ready()`` if set (serve() says so on stderr then).
         """
         self._stopped.clear()
         self._poll_interval, self._next_expiry_scan = poll_interval, 0.0
@@ -492,8 +493,8 @@ class WSGIServer(simple_server.WSGIServer):
             self._stop_requested = True
             raise ServeError(f"{self}: cannot start {self.threads} threads ({exc}); lower "
                              f"--threads, or raise the limit on processes") from None
-        if ready is not None:
-            ready()
+        if self.on_ready is not None:
+            self.on_ready()
         waiting = {}  # connection -> [client address, bytes received, deadline]
         stop_began = time.monotonic()
         try:
@@ -1514,7 +1515,8 @@ def serve(app, address, **options):
                 sys.stderr.write(f"{PROG}: serving on {server}\n")
                 sys.stderr.flush()
                 _notify_systemd("READY=1")
-            server.serve_forever(ready=ready)
+            server.on_ready = ready
+            server.serve_forever()
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
