@@ -1383,6 +1383,22 @@ class LoadTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)
         server.wait_line("accept() failed")
 
+    def test_sigterm_with_every_descriptor_taken_still_removes_the_socket_file(self):
+        import resource
+        # (The backlog cannot drain without descriptors: the stop waits out its grace.)
+        server = self.start_app("--quiet", "--graceful-timeout", "2", self.sock,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+        idle = open_idle(self.sock, 100)  # 64 descriptors are soon taken
+        try:
+            server.wait_line("accept() failed")
+            server.signal(signal.SIGTERM)
+            self.assertEqual(server.wait(), 0, server.log())  # it exited 1, leaving the file
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertFalse(os.path.lexists(self.sock))
+        self.assertNotIn("Traceback", server.log())
+
     def run_as_nobody_with_few_threads(self, *args, threads_allowed):
         """Start a copy of wsgi_unix.py as nobody, allowed ``threads_allowed`` threads in all
         (as a container's pids limit would), with its socket in a directory nobody owns."""

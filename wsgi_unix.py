@@ -106,6 +106,7 @@ class ListenAddress:
         self.kind = None  # "unix", "abstract", "tcp" or "fd"
         self.path = self.host = self.port = self.fd = None
         self._identity = None  # (st_dev, st_ino) of the socket file we created
+        self._directory = None  # its directory, open, for remove_socket_file()
         self._parse(text)
 
     def _parse(self, text):
@@ -266,12 +267,17 @@ class ListenAddress:
                 try:
                     os.chown(self.path, -1, gid, follow_symlinks=False)
                 except PermissionError:
-                    self.remove_socket_file(locked=True)
                     raise ServeError(f"{self}: no permission to give the socket to group {group}; "
                                      f"run as a member of that group, or as root") from None
             sock.listen(backlog)
-        finally:
+        except BaseException:
+            self._unlink_own_file()  # if bind() made it
             os.close(lock)
+            raise
+        # Kept open (unlocked) until remove_socket_file(): by then every descriptor may be
+        # taken by a client, or the directory may be gone.
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        self._directory = lock
 
     def _remove_stale_socket(self):
         """Remove a socket file nobody answers on; refuse anything else at the path."""
@@ -311,28 +317,31 @@ class ListenAddress:
             raise ServeError(f"{self}: cannot remove the stale socket {self.path} (not ours "
                              f"to remove); remove it as its owner, or choose another path") from None
 
-    def remove_socket_file(self, locked=False):
+    def remove_socket_file(self):
         """Remove the socket file if the path still holds the one this process created.
 
         A file another process has put there since (same path, another device or inode) is
         left alone.  Idempotent; a no-op for addresses without a file.
         """
+        directory, self._directory = self._directory, None
+        if directory is None:
+            return
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)  # no starter is between probe and bind
+            self._unlink_own_file()
+        finally:
+            os.close(directory)
+
+    def _unlink_own_file(self):
         identity, self._identity = self._identity, None
         if identity is None:
             return
-        try:
-            lock = None if locked else self._lock_directory()
-        except ServeError:
-            return  # its directory is gone (or closed to us): no file of ours to remove there
         try:
             info = os.lstat(self.path)
             if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == identity:
                 os.unlink(self.path)
         except FileNotFoundError:
-            pass
-        finally:
-            if lock is not None:
-                os.close(lock)
+            pass  # its directory may be gone too
 
 
 def _describe(info):
