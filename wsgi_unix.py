@@ -554,8 +554,7 @@ class WSGIServer(simple_server.WSGIServer):
         for conn in [c for c, entry in waiting.items() if entry[2] < now]:
             selector.unregister(conn)
             del waiting[conn]
-            self._close(conn, b"HTTP/1.0 408 Request Timeout\r\nConnection: close\r\n"
-                              b"Content-Length: 0\r\n\r\n")
+            self._close(conn, _bare_answer("408 Request Timeout"))
             self._log_line("a request did not arrive in time: 408")
 
     def _on_waiting_readable(self, conn, waiting, selector):
@@ -582,8 +581,7 @@ class WSGIServer(simple_server.WSGIServer):
                              name=f"{PROG}-waited", daemon=True).start()
         except RuntimeError as exc:  # out of threads: a container's pids limit, say
             self._end()
-            self._close(conn, b"HTTP/1.0 503 Service Unavailable\r\nConnection: close\r\n"
-                              b"Content-Length: 0\r\n\r\n")
+            self._close(conn, _bare_answer("503 Service Unavailable"))
             self._log_line(f"cannot start a thread ({exc}); answering 503", once=True)
 
     def _stop_accepting(self, deadline):
@@ -715,6 +713,11 @@ class WSGIServer(simple_server.WSGIServer):
         if not (once and message in self._logged):
             self._logged.add(message)
             sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def _bare_answer(status):
+    """A response with no body, for a connection that never reached the request handler."""
+    return f"HTTP/1.0 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode()
 
 
 def _head_ready(received, scanned=0):
@@ -1055,9 +1058,6 @@ class _SocketWriter:
         # sendall()'s timeout covers the whole call: PROGRESS bytes at a time, each within the
         # timeout -- a slow but steady reader is served, a trickling one does not hold us.
         try:
-            if len(data) <= PROGRESS:
-                self._sock.sendall(data)
-                return
             with memoryview(data) as view:
                 for start in range(0, len(view), PROGRESS):
                     self._sock.sendall(view[start:start + PROGRESS])
@@ -1072,7 +1072,7 @@ class _SocketWriter:
 # --- The environment-scrubbing ServerHandler ----------------------------------------------
 
 _STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f]*\Z")
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_NAME = re.compile(_TOKEN.pattern.decode())  # the request's token rule, for str
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 _date_cache = [0, ""]
 
