@@ -11,20 +11,34 @@ Copy this one file next to your app, in a bare container behind nginx, and run::
 It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref falls short:
 
 - any address: a Unix socket file, a Linux abstract socket, TCP over IPv4 or IPv6, or a socket
-  inherited from systemd -- and no DNS look-up at start-up or per request;
+  inherited from systemd;
 - the socket file done right: a stale one is removed, a live one or anything that is not a socket
   is never touched, its mode and group are in force before anyone can connect, and only the file
   this process created is removed at exit;
-- threads without a hand-off per request (one accepts and serves; another takes over when a
-  request is slow), a large listen backlog, time limits, and a waiting room so that silent or
-  slow clients hold no thread;
+- HTTP/1.1 with persistent connections and chunked responses, served by exactly ``--threads``
+  threads: connections that are not ready (a head or body still arriving, idle between requests)
+  wait in a selector and hold no thread, and request bodies are received before the app runs;
 - a strict request parser with wsgiref's limits that drops header names containing "_";
 - nothing from ``os.environ`` reaches the application (wsgiref copies all of it, secrets included);
 - SIGTERM and SIGINT stop it gracefully: no new connections, requests in flight may finish.
 
-What it deliberately does not do: TLS, HTTP/2, keep-alive, worker processes or reloading.
-Put nginx in front for the first three, and use gunicorn or uWSGI when you need the rest;
-the same WSGI app runs there unchanged.
+What it deliberately does not do: TLS, HTTP/2, worker processes or reloading.  Put nginx in
+front for the first two, and use gunicorn or uWSGI when you need the rest; the same WSGI app
+runs there unchanged.
+
+Map of this file (each section reads alone):
+
+  §1 settings and errors     the limits, DEFAULTS (read by the server, the API and the CLI)
+  §2 addresses               ListenAddress: parsing, bind/listen, the socket file's lifecycle
+  §3 HTTP/1.x on bytes       no I/O: the request reader, body decoders, the error answer
+  §4 socket I/O              the progress rule, sending with deadlines, the received body
+  §5 the engine              connections, the selector, leader/follower threads, stopping
+  §6 wsgiref glue            WSGIServer, WSGIRequestHandler, ServerHandler (response framing)
+  §7 API                     make_server, serve
+  §8 the example app         command_app: a command per request
+  §9 CLI                     argparse from DEFAULTS, main
+
+To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6.
 """
 
 import atexit
@@ -32,6 +46,7 @@ import errno
 import fcntl
 import grp
 import http
+import io
 import os
 import pwd
 import re
@@ -47,19 +62,42 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import deque
+from collections import OrderedDict, deque
 from email.utils import formatdate
 from wsgiref import simple_server
 from wsgiref import util as wsgiref_util
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AddressError", "ServeError", "ListenAddress", "WSGIServer", "WSGIRequestHandler",
-    "ServerHandler", "command_app", "make_server", "serve", "main",
+    "ServerHandler", "command_app", "make_server", "serve", "main", "DEFAULTS",
 ]
 
 PROG = "wsgi_unix"
 SERVER_SOFTWARE = "wsgi_unix/" + __version__
+
+
+# --- §1 Settings and errors ---------------------------------------------------------------
+
+# Every tunable of the server with its default: WSGIServer's keywords, serve()'s and
+# make_server()'s, and the CLI's options all read this one mapping.
+DEFAULTS = {
+    "mode": 0o600,               # the socket file's mode (660 with a group for nginx)
+    "group": None,               # the socket file's group (None: the process's)
+    "threads": 8,                # threads that run the app: at most this many requests at once
+    "timeout": 30.0,             # for a request head to arrive; then per MIN_PROGRESS_BYTES
+    "keep_alive": 180.0,         # idle time of a persistent connection (0: one request each);
+                                 # longer than proxies' pools (nginx 60 s, Caddy 120 s), so
+                                 # that the proxy, not we, closes an idle one (no 502 race)
+    "graceful_timeout": 10.0,    # for requests in flight after SIGTERM
+    "max_connections": 1024,     # open at once; when full, the longest-waiting one gives way
+    "max_request_body": 1 << 30,  # bytes (waitress's default); more gets 413
+    "access_log": True,
+    "allow_uids": None,          # None: every user who may connect; else uids or user names
+    "proxy_headers": False,      # trust X-Forwarded-For/-Proto (Unix peers, forwarded_allow_ips)
+    "forwarded_allow_ips": (),
+    "script_name": "",
+}
 
 # The limits of http.server, which wsgiref parses with: a request line or a header line of at
 # most 64 KiB, at most 100 header lines.  The whole head is capped too, so that one connection
@@ -67,13 +105,24 @@ SERVER_SOFTWARE = "wsgi_unix/" + __version__
 MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_HEAD = 256 * 1024
-# After its head, a client must send (or read) at least this much per --timeout seconds: with a
-# deadline per recv() or send() alone, a few bytes now and then would hold a thread for good.
-PROGRESS = 64 * 1024
+RECV_SIZE = 65536
+# After its head, a client must send (or read) at least this much per timeout: with a deadline
+# per recv() or send() alone, a few bytes now and then would hold a connection for good.
+MIN_PROGRESS_BYTES = 64 * 1024
+# A request body up to this size is kept in memory; a larger one goes to an anonymous
+# temporary file (waitress's inbuf_overflow), so 1,024 uploads cost at most 512 MiB.
+BODY_IN_MEMORY = 512 * 1024
+# A response to HTTP/1.0 with no Content-Length is held back up to this size: if it ends
+# within it, it gets a Content-Length, so that a truncation can show (see ServerHandler).
+FIRST_BUFFER = 64 * 1024
+# After an error answer, how long we read and discard what the client still sends (a lingering
+# close, as nginx and Apache do): closing with unread bytes makes the kernel send a reset, and
+# the client loses the answer.
+LINGER_SECONDS = 5.0
+# How long one request may keep the leader thread before a follower takes over the selector.
+PROMOTE_AFTER = 0.01
 # How long a stopping server waits for connections it accepted to send their request.
-_STOP_LINGER = 1.0
-# How long one request may keep the accepting thread before another thread takes over.
-_PROMOTE_AFTER = 0.01
+STOP_LINGER = 1.0
 
 
 class AddressError(ValueError):
@@ -84,7 +133,15 @@ class ServeError(Exception):
     """The server cannot start or run as asked (the CLI exits with status 1)."""
 
 
-# --- Addresses ----------------------------------------------------------------------------
+class _HTTPError(Exception):
+    """A request we answer ourselves with ``status`` (400, 408, 413, ...) and close."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+# --- §2 Addresses and the socket file ----------------------------------------------------
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_PATH = 107
@@ -214,6 +271,7 @@ class ListenAddress:
                                                                   socket.SO_ACCEPTCONN):
             sock.detach()  # not ours to close
             raise AddressError(f"{self}: file descriptor {self.fd} is not a listening stream socket")
+        os.set_inheritable(self.fd, False)  # an app's child (os.system) must not hold it
         if os.environ.get("LISTEN_PID") == str(os.getpid()):
             # systemd's socket-activation variables describe our descriptors, not a child's.
             for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
@@ -396,30 +454,969 @@ def _group_id(group):
         raise ServeError(f"group {group!r} does not exist; give a group name or a number") from None
 
 
-# --- The server ---------------------------------------------------------------------------
+# --- §3 HTTP/1.x on bytes -----------------------------------------------------------------
+#
+# No I/O in this section: bytes in, a parsed request (or decoded body bytes) or an _HTTPError
+# out.  The engine (§5) feeds it what it receives; the unit tests feed it one byte at a time.
+
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TOKEN_CHARS + rb"+\Z")
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, CRLF or bare LF
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f#]")  # a fragment (#) is never part of a target
+_VERSION = re.compile(rb"HTTP/\d\.\d\Z")
+_HOST = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::\d*)?\Z")
+# chunk = chunk-size *( BWS ";" BWS ext-name [ BWS "=" BWS ext-value ] ) CRLF (RFC 9112 §7.1)
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + _TOKEN_CHARS + rb"+(?:[ \t]*=[ \t]*(?:" + _TOKEN_CHARS
+    + rb"+|" + _QUOTED + rb"))?)*\r?\n")
+_MAX_CHUNK_DIGITS = 15  # 2**60 bytes: any more is no real body
+# Header fields that are one value, never a list: two different values are refused.
+_SINGLETONS = {"host", "content-type", "content-length", "authorization"}
+
+
+class _Request:
+    """A request head, parsed; ``body`` is set (a readable file) once the whole body is in."""
+
+    __slots__ = ("method", "target", "version", "headers", "path", "query", "keep_alive",
+                 "expect_continue", "length", "chunked", "body", "line")
+
+    def __init__(self, method, target, version, headers, line):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        self.line = line  # the request line, for the log
+        self.path = self.query = ""
+        self.keep_alive = version == "HTTP/1.1"
+        self.expect_continue = self.chunked = False
+        self.length = 0  # of the body; None when chunked
+        self.body = None
+
+
+def _header_field(line):
+    """(name, value) of a header or trailer line without its line end, or raise 400."""
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.match(name):
+        raise _HTTPError(400, "malformed header line")
+    value = value.strip(b" \t")
+    if _CONTROL.search(value):
+        raise _HTTPError(400, "control character in a header value")
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+def _parse_head(head):
+    """Parse a request head (the bytes before its blank line) into a _Request, or raise.
+
+    Enforces http.server's limits (414 for a long request line, 431 for a long header line or
+    too many of them) and refuses what proxies could disagree about: bare HTTP/0.9, control
+    bytes, whitespace before a colon, folded header lines, two framings.
+    """
+    lines = head.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    request_line = lines[0]
+    if len(request_line) > MAX_LINE:
+        raise _HTTPError(414, "request line too long")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise _HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.match(method) or not target or _BAD_TARGET.search(target):
+        raise _HTTPError(400, "malformed request line")
+    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        if _VERSION.match(version):
+            raise _HTTPError(505, "HTTP version not supported")
+        raise _HTTPError(400, "malformed request line")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _HTTPError(431, "too many header lines")
+    headers = []
+    for line in lines[1:]:
+        if len(line) > MAX_LINE:
+            raise _HTTPError(431, "header line too long")
+        headers.append(_header_field(line))
+    request = _Request(method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"),
+                       headers, request_line.decode("latin-1"))
+    _read_target(request)
+    _read_framing(request)
+    return request
+
+
+def _read_target(request):
+    """Split the request target into path and query; only the forms RFC 9112 §3.2 allows."""
+    target = request.target
+    if target.startswith("/"):
+        path, _, request.query = target.partition("?")
+    elif target == "*" and request.method == "OPTIONS":
+        path = "*"
+    elif target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        rest = target.split("://", 1)[1]  # absolute-form: authority, then path and query
+        cut = min([at for at in (rest.find("/"), rest.find("?")) if at >= 0] or [len(rest)])
+        if not rest[:cut] or not _HOST.match(rest[:cut].encode("latin-1")):
+            raise _HTTPError(400, "malformed request target")
+        tail = rest[cut:]
+        path, _, request.query = (tail if tail.startswith("/") else "/" + tail).partition("?")
+    else:
+        raise _HTTPError(400, "malformed request target")
+    request.path = urllib.parse.unquote(path, "latin-1")
+
+
+def _read_framing(request):
+    """How the body is framed, and what the connection does after it (RFC 9112 §6, §9)."""
+    fields = {}
+    for name, value in request.headers:
+        fields.setdefault(name.lower(), []).append(value)
+    for name in _SINGLETONS.intersection(fields):
+        if len(set(fields[name])) > 1:
+            raise _HTTPError(400, f"two different {name} fields")
+    hosts = fields.get("host")
+    if request.version == "HTTP/1.1" and not hosts:
+        raise _HTTPError(400, "no Host header (HTTP/1.1 requires one)")
+    if hosts and not _HOST.match(hosts[0].encode("latin-1")):
+        raise _HTTPError(400, "malformed Host header")
+    codings = fields.get("transfer-encoding")
+    if codings:
+        if request.version == "HTTP/1.0":
+            raise _HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if "content-length" in fields:
+            raise _HTTPError(400, "both Content-Length and Transfer-Encoding")
+        codings = [item.strip().lower() for item in ",".join(codings).split(",") if item.strip()]
+        if codings != ["chunked"]:
+            raise _HTTPError(501, "the only transfer coding understood is chunked")
+        request.chunked, request.length = True, None
+    elif "content-length" in fields:
+        length = fields["content-length"][0]
+        if not (length.isascii() and length.isdigit()):
+            raise _HTTPError(400, "invalid Content-Length")
+        if len(length.lstrip("0")) > 18:  # and never int() on 4,300 digits (Python refuses)
+            raise _HTTPError(413, "the request body is too large")
+        request.length = int(length)
+    tokens = {token.strip().lower() for value in fields.get("connection", ())
+              for token in value.split(",")}
+    if request.version == "HTTP/1.1":
+        request.keep_alive = "close" not in tokens
+        request.expect_continue = any(value.lower() == "100-continue"
+                                      for value in fields.get("expect", ()))
+    else:
+        request.keep_alive = "keep-alive" in tokens
+
+
+class _LengthDecoder:
+    """The body of a request with a Content-Length: that many bytes, then the next request."""
+
+    def __init__(self, length):
+        self.left = length
+
+    @property
+    def done(self):
+        return not self.left
+
+    def decode(self, data):
+        """Return (body pieces, bytes of ``data`` used)."""
+        take = min(self.left, len(data))
+        self.left -= take
+        return ([bytes(data[:take])] if take else []), take
+
+
+class _ChunkedDecoder:
+    """The body of a request in chunked transfer coding (RFC 9112 §7.1), strictly.
+
+    A chunk line is a hex size (1*HEXDIG) with optional extensions (token[=token|quoted]), then
+    CRLF (or LF, as header lines); chunk data must end in CRLF; trailer lines follow the rules
+    and limits of header lines and are dropped.
+    """
+
+    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+    def __init__(self):
+        self._state, self._left, self._trailers = self._SIZE, 0, 0
+
+    @property
+    def done(self):
+        return self._state == self._DONE
+
+    def decode(self, data):
+        """Return (body pieces, bytes of ``data`` used); raise _HTTPError on bad framing."""
+        pieces, pos, end = [], 0, len(data)
+        while self._state != self._DONE and pos < end:
+            if self._state == self._DATA:
+                take = min(self._left, end - pos)
+                pieces.append(bytes(data[pos:pos + take]))
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._DATA_END
+                continue
+            if self._state == self._DATA_END:  # CRLF or LF, checked as it comes
+                if data[pos:pos + 1] == b"\n" or data[pos:pos + 2] == b"\r\n":
+                    pos += 1 if data[pos] == 10 else 2
+                    self._state = self._SIZE
+                    continue
+                if data[pos:pos + 1] == b"\r" and pos + 1 == end:
+                    break  # the LF is still to come
+                raise _HTTPError(400, "chunk data longer than its size")
+            newline = data.find(b"\n", pos, pos + MAX_LINE + 1)
+            if newline < 0:
+                if end - pos > MAX_LINE:
+                    raise _HTTPError(400, "chunk line too long")
+                break
+            if self._state == self._SIZE:
+                match = _CHUNK_LINE.match(data, pos, newline + 1)
+                if match is None or match.end() != newline + 1:
+                    raise _HTTPError(400, "malformed chunk line")
+                digits = match.group(1).lstrip(b"0")
+                if len(digits) > _MAX_CHUNK_DIGITS:
+                    raise _HTTPError(413, "chunk size too large")
+                self._left = int(digits or b"0", 16)
+                self._state = self._DATA if self._left else self._TRAILER
+            else:  # a trailer line, or the blank line that ends the body
+                line = data[pos:newline]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line:
+                    self._state = self._DONE
+                else:
+                    self._trailers += 1
+                    if self._trailers > MAX_HEADERS:
+                        raise _HTTPError(431, "too many trailer lines")
+                    _header_field(bytes(line))
+            pos = newline + 1
+        return pieces, pos
+
+
+class _RequestReader:
+    """One connection's incoming bytes in, whole requests out (h11's model: no I/O here).
+
+    ``receive(data)`` adds bytes.  ``next_event()`` returns None while more bytes are needed,
+    ``("head", request)`` once a head is parsed and a body follows, ``("request", request)``
+    once a request is complete, with ``request.body`` a readable file; it raises _HTTPError for
+    what cannot be served.  Bytes after a request stay in ``buffer`` for the next one.
+    """
+
+    def __init__(self, max_body=DEFAULTS["max_request_body"], sink=None):
+        self.buffer = bytearray()
+        self.max_body = max_body
+        self._sink_class = sink or _BodySink
+        self._scanned = 0  # bytes of buffer searched for the end of a head
+        self._request = self._decoder = self._sink = None
+        self._head_line = None  # the request line of the request being read, for the log
+
+    def receive(self, data):
+        self.buffer += data
+
+    def next_event(self):
+        if self._request is None:
+            return self._read_head()
+        return self._read_body()
+
+    def _read_head(self):
+        buffer = self.buffer
+        if buffer[:1] in (b"\r", b"\n"):
+            empty = _EMPTY_LINES.match(buffer)  # RFC 9112 §2.2: ignored before a request line
+            if empty:
+                del buffer[:empty.end()]
+                self._scanned = 0
+        # A client that trickles a head a byte at a time must not make us scan it again each time.
+        end = _HEAD_END.search(buffer, max(0, self._scanned - 2))
+        if end is None:
+            self._scanned = len(buffer)
+            if len(buffer) > MAX_LINE and buffer.find(b"\n", 0, MAX_LINE + 1) < 0:
+                raise _HTTPError(414, "request line too long")
+            if len(buffer) > MAX_HEAD:
+                raise _HTTPError(431, "request head too large")
+            return None
+        if end.start() > MAX_HEAD:  # however the bytes arrived
+            raise _HTTPError(431, "request head too large")
+        head = bytes(buffer[:end.start()])
+        del buffer[:end.end()]
+        self._scanned = 0
+        self._head_line = head.split(b"\n", 1)[0]
+        request = _parse_head(head)
+        if request.length and request.length > self.max_body:
+            raise _HTTPError(413, f"the request body is over {self.max_body} bytes")
+        if not (request.length or request.chunked):
+            request.body, self._head_line = io.BytesIO(), None
+            return "request", request
+        self._request = request
+        self._decoder = _ChunkedDecoder() if request.chunked else _LengthDecoder(request.length)
+        self._sink = self._sink_class()
+        return "head", request
+
+    def _read_body(self):
+        pieces, used = self._decoder.decode(self.buffer)
+        if used:
+            del self.buffer[:used]
+        for piece in pieces:
+            self._sink.write(piece)
+        if self._sink.size > self.max_body:
+            raise _HTTPError(413, f"the request body is over {self.max_body} bytes")
+        if not self._decoder.done:
+            return None
+        request, self._request, self._head_line = self._request, None, None
+        request.body, self._sink = self._sink.finish(), None
+        return "request", request
+
+    @property
+    def line(self):
+        """The request line being read (or what has come of it), for the log."""
+        line = self._head_line if self._head_line is not None else self.buffer[:200].split(b"\n", 1)[0]
+        return bytes(line[:200]).rstrip(b"\r").decode("latin-1")
+
+    def close(self):
+        """Drop a body being received (its temporary file, if any)."""
+        if self._sink is not None:
+            self._sink.finish().close()
+            self._sink = None
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:  # formatdate costs more than the rest of a small response
+        _date_cache[:] = [now, formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def _error_answer(status, reason, version="HTTP/1.1"):
+    """The whole answer to a request we refuse ourselves; the connection closes after it."""
+    phrase = http.HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {reason}\n".encode("utf-8", "replace")
+    return (f"{version} {status} {phrase}\r\nDate: {_http_date()}\r\nServer: {SERVER_SOFTWARE}\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+# --- §4 Socket I/O with deadlines ---------------------------------------------------------
+#
+# Every connection socket is non-blocking for its whole life.  The engine reads with the
+# selector; a thread that serves a request writes with send() and waits in poll() under the
+# progress rule below.
+
+class _Progress:
+    """The one progress rule: MIN_PROGRESS_BYTES each way per ``timeout`` seconds.
+
+    A peer that moves fewer bytes in a window is too slow -- its request gets 408, its response
+    is cut off.  (nginx's client_body_timeout and send_timeout count between two reads or
+    writes, so a client trickling a few bytes at a time holds a connection for ever; nginx can
+    afford that, a thread cannot.)
+    """
+
+    __slots__ = ("timeout", "due", "_left")
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.due = time.monotonic() + timeout  # when the current window's bytes are due
+        self._left = MIN_PROGRESS_BYTES
+
+    def advance(self, count):
+        self._left -= count
+        if self._left <= 0:
+            self.due, self._left = time.monotonic() + self.timeout, MIN_PROGRESS_BYTES
+
+    def wait_writable(self, sock):
+        """Wait until ``sock`` takes more bytes; raise ConnectionAbortedError past ``due``."""
+        left = self.due - time.monotonic()
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        if left <= 0 or not poller.poll(left * 1000):
+            raise ConnectionAbortedError("the client stopped reading")
+
+
+# What a send to a client that hung up (or stopped reading) raises.
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def _send_all(sock, data, progress):
+    """Send all of ``data`` on a non-blocking socket, under the progress rule."""
+    with memoryview(data) as view:
+        sent, size = 0, len(view)
+        while sent < size:
+            try:
+                count = sock.send(view[sent:])
+            except BlockingIOError:
+                progress.wait_writable(sock)
+                continue
+            sent += count
+            progress.advance(count)
+
+
+def _send_file(sock, fd, offset, count, progress):
+    """os.sendfile() under the progress rule (socket.sendfile() would wait up to the timeout for
+    each bit of room, however small); return the bytes sent."""
+    end, start = offset + count, offset
+    while offset < end:
+        try:
+            sent = os.sendfile(sock.fileno(), fd, offset, min(end - offset, MIN_PROGRESS_BYTES))
+        except BlockingIOError:
+            progress.wait_writable(sock)
+            continue
+        if not sent:
+            break  # the file is shorter than it was
+        offset += sent
+        progress.advance(sent)
+    return offset - start
+
+
+class _BodySink:
+    """A request body as it is received: in memory up to BODY_IN_MEMORY bytes, beyond that in
+    an anonymous temporary file.  ``finish()`` returns it as wsgi.input: a file positioned at
+    its start that ends where the body ends (read, readline and iteration are io's, in C)."""
+
+    def __init__(self):
+        self.size = 0
+        self._memory = bytearray()
+        self._file = None
+
+    def write(self, data):
+        self.size += len(data)
+        if self._file is None:
+            self._memory += data
+            if len(self._memory) <= BODY_IN_MEMORY:
+                return
+            import tempfile  # only here: most bodies never need it
+            try:
+                self._file = tempfile.TemporaryFile()
+            except OSError as exc:
+                raise _HTTPError(503, f"no room for the request body ({exc.strerror})") from None
+            data, self._memory = self._memory, None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _HTTPError(503, f"no room for the request body ({exc.strerror})") from None
+
+    def finish(self):
+        if self._file is None:
+            return io.BytesIO(self._memory)
+        self._file.seek(0)
+        return self._file
+
+
+# --- §5 The engine ------------------------------------------------------------------------
+
+class _Connection:
+    """One client connection, from accept() to close.  One thread owns it at a time: the leader
+    while it waits in the selector or in the ready queue, the thread that serves its request."""
+
+    __slots__ = ("sock", "address", "peer", "reader", "state", "deadline", "progress", "served",
+                 "request", "registered")
+
+    def __init__(self, sock, address, reader, deadline):
+        self.sock, self.address, self.reader = sock, address, reader
+        self.peer = None  # (pid, uid, gid) of a Unix peer, from SO_PEERCRED
+        self.state = _HEAD
+        self.deadline = deadline  # for the head, or the idle connection, or the lingering close
+        self.progress = None  # _Progress of the body being received
+        self.served = 0  # requests answered on it
+        self.request = None  # the complete request, from ready to answered
+        self.registered = False  # in the selector
+
+
+# A connection's states.  In the selector: _HEAD (awaiting a request head, or the rest of one),
+# _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an error,
+# discarding what still comes).  Out of it: _READY (a whole request, queued for a thread) and
+# _SERVING (a thread runs the app).
+_HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING = "head", "body", "idle", "linger", "ready", "serving"
+
+
+class _Leadership:
+    """Which thread leads -- the only one that may use the selector -- and the hand-over.
+
+    One lock guards all of it.  A thread is a follower (waiting in follow()), the leader, or
+    serving a request after it lost the lead.  Invariants:
+    - at most one leader; a follower becomes leader only when ``leader`` is None;
+    - the leader is demoted only while it runs an app (``busy_since`` is set), so it never loses
+      the lead while it uses the selector;
+    - a thread that is not the leader hands connections to the leader through ``ready`` (a whole
+      request to serve) or ``returns`` (to put back in the selector), never touching the selector.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._vacant = threading.Condition(self.lock)  # followers wait here for the lead
+        self.leader = None  # the leading thread's ident; None: the next follower takes over
+        self.busy_since = None  # when the leader began running an app; None: it is not
+        self.followers = 0
+        self.ready = deque()  # connections with a whole request, for whoever leads next
+        self.returns = deque()  # connections a non-leader hands back to the selector
+        self.finished = False
+
+    def follow(self, me):
+        """Wait until this thread may lead; return False once the engine has finished."""
+        with self.lock:
+            self.followers += 1
+            while self.leader is not None and not self.finished:
+                self._vacant.wait()
+            self.followers -= 1
+            if not self.finished:
+                self.leader = me
+            return not self.finished
+
+    def take_work(self, me):
+        """For the leader: (still leading, a ready connection or None, connections handed back)."""
+        with self.lock:
+            if self.leader != me or self.finished:
+                return False, None, ()
+            returns = list(self.returns)
+            self.returns.clear()
+            return True, (self.ready.popleft() if self.ready else None), returns
+
+    def begin_app(self, me):
+        with self.lock:
+            if self.leader == me:
+                self.busy_since = time.monotonic()
+
+    def end_app(self, me):
+        """The app has returned; True if this thread still leads."""
+        with self.lock:
+            if self.leader == me:
+                self.busy_since = None
+                return True
+            return False
+
+    def resign(self, me):
+        with self.lock:
+            if self.leader == me:
+                self.leader = self.busy_since = None
+                self._vacant.notify()
+
+    def promote_if_stuck(self, after, caller=None):
+        """Let a follower take the lead if the leader has run one app for ``after`` seconds
+        (and, given ``caller``, only if the caller is that leader)."""
+        with self.lock:
+            since = self.busy_since
+            if (since is None or not self.followers or time.monotonic() - since < after
+                    or (caller is not None and caller != self.leader)):
+                return
+            self.leader = self.busy_since = None
+            self._vacant.notify()
+
+    def hand_back(self, conn, ready):
+        with self.lock:
+            (self.ready if ready else self.returns).append(conn)
+
+    def finish(self):
+        with self.lock:
+            self.finished = True
+            self._vacant.notify_all()
+
+
+class _Engine:
+    """Connections, the selector they wait in, and the threads that serve them.
+
+    A thread's life (exactly ``threads`` of them; with the main thread, threads + 1 in all)::
+
+        follower --(lead vacant)--> leader --(an app runs > PROMOTE_AFTER)--> serving
+            ^                        |  ^                                       |
+            |                        |  +-- it still leads when the app returns-+
+            +------------------------+-- it lost the lead ----------------------+
+
+    The leader loops: serve a ready request (inline: no hand-off, no thread start), else take
+    back what others handed over, else wait in the selector once and act on what it says --
+    accept (and read at once what came with the connection), read, decode, answer errors.
+
+    A connection's life::
+
+        accept -> head -> [body] -> ready -> serving -> idle -> head ...   (keep-alive)
+                   |        |                  |  \\-> closed              (close, or abort)
+                   +--------+-> linger -> closed  (we answered an error; 408 past a deadline)
+
+    Invariants: a connection is in the selector exactly while it is head, body, idle or linger,
+    and only the leader touches the selector; ``open`` counts every connection from accept()
+    to close and never exceeds ``max_connections`` (when full, the one that has waited longest
+    in the selector gives way, idle ones first); an app runs only in one of the threads.
+    """
+
+    def __init__(self, server, poll_interval):
+        self.server = server
+        self.listener = server.socket
+        self.listener.setblocking(False)  # several may accept from it: a restart, workers
+        self.lead = _Leadership()
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.accepting = True  # the listener is in the selector
+        self._resume_accept_at = None  # after accept() ran out of descriptors
+        self.waiting = OrderedDict()  # connections in the selector, longest there first
+        self.open = 0  # under lead.lock
+        self._all_closed = threading.Condition(self.lead.lock)
+        self.stopping = self._stop_done = False
+        self._scan_every = poll_interval
+        self._next_scan = 0.0
+        self._unix = self.listener.family == socket.AF_UNIX
+
+    # -- threads --
+
+    def run_thread(self):
+        """The body of each of the ``threads`` threads."""
+        me = threading.get_ident()
+        while self.lead.follow(me):
+            try:
+                self._lead(me)
+            except Exception:  # a bug here must not take a thread, or the lead, with it
+                self.server.handle_error(None, None)
+            finally:
+                self.lead.resign(me)
+
+    def _lead(self, me):
+        while True:
+            leading, conn, returns = self.lead.take_work(me)
+            if not leading:
+                return
+            for back in returns:
+                self._rejoin(back)
+            if conn is not None:
+                self._serve(conn, me)
+            else:
+                self._poll()
+
+    def _serve(self, conn, me):
+        conn.state = _SERVING
+        self.lead.begin_app(me)
+        try:
+            outcome = self.server.serve_request(conn)
+        except Exception:
+            self.server.handle_error(conn.sock, conn.address)
+            outcome = "abort"
+        finally:
+            still_leading = self.lead.end_app(me)
+        request, conn.request = conn.request, None
+        request.body.close()
+        if outcome == "abort":
+            self._close(conn, reset=True)
+        elif outcome == "close" or self.stopping:
+            if conn.reader.buffer:  # pipelined bytes we will not read: linger, or they reset
+                conn.state = _LINGER
+                self._give_back(conn, still_leading)
+            else:
+                self._close(conn)
+        else:
+            conn.served += 1
+            conn.state = _HEAD if conn.reader.buffer else _IDLE
+            conn.deadline = time.monotonic() + (self.server.timeout if conn.reader.buffer
+                                                else self.server.keep_alive)
+            self._give_back(conn, still_leading)
+
+    def _give_back(self, conn, still_leading):
+        if still_leading:
+            self._rejoin(conn)
+        else:
+            self.lead.hand_back(conn, ready=False)
+            self.wake()
+
+    def _rejoin(self, conn):
+        """A connection whose request was answered goes on: linger, or read its next request."""
+        if conn.state == _LINGER:
+            self._linger(conn)
+        else:
+            self._advance(conn)
+
+    def wake(self):
+        """Make the leader return from select() (safe from any thread, and in a signal handler)."""
+        try:
+            self._wake_w.send(b"!")
+        except OSError:
+            pass  # full (a wake-up is pending already) or closed (finished)
+
+    # -- the selector (leader only) --
+
+    def _poll(self):
+        now = time.monotonic()
+        if self.stopping and not self._stop_done:
+            self._stop_accepting(now)
+        elif not self.accepting and not self.stopping:
+            self._maybe_resume_accepting(now)
+        timeout = max(0.0, min(self._next_scan, self._resume_accept_at or self._next_scan) - now)
+        for key, _ in self.selector.select(timeout):
+            conn = key.data
+            if conn is not None:
+                self._on_readable(conn)
+            elif key.fileobj is self.listener:
+                self._accept()
+            else:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + (0.05 if self.stopping else self._scan_every)
+            self._expire(now)
+
+    def _park(self, conn):
+        if not conn.registered:
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.registered = True
+            self.waiting[conn] = None
+
+    def _unpark(self, conn):
+        if conn.registered:
+            self.selector.unregister(conn.sock)
+            conn.registered = False
+            del self.waiting[conn]
+
+    def _accept(self):
+        server = self.server
+        for _ in range(64):  # then let the connections already here have their turn
+            if self.open >= server.max_connections and not self._evict_one():
+                self._pause_accepting(None)  # until a slot is free
+                return
+            try:
+                sock, address = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the connection stays in the backlog, and
+                    # retrying at once would spin a core; wait for others to close.
+                    server.log_line(f"accept() failed: {exc.strerror}; retrying", once=True)
+                    self._pause_accepting(time.monotonic() + 0.1)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that client gave up (or a firewall said no): the next one
+                raise
+            sock.setblocking(False)
+            with self.lead.lock:
+                self.open += 1
+            conn = _Connection(sock, address, _RequestReader(server.max_request_body),
+                               time.monotonic() + server.timeout)
+            if self._unix and _PEERCRED is not None:
+                conn.peer = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_PEERCRED, _PEERCRED.size))
+            if not server.verify_request(sock, address):
+                self._close(conn)
+                continue
+            self._on_readable(conn)  # a Unix client's request is usually there already
+
+    def _pause_accepting(self, until):
+        if self.accepting:
+            self.selector.unregister(self.listener)
+            self.accepting = False
+        self._resume_accept_at = until
+
+    def _maybe_resume_accepting(self, now):
+        if self._resume_accept_at is not None and now < self._resume_accept_at:
+            return
+        if self._resume_accept_at is None and self.open >= self.server.max_connections:
+            return
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.accepting, self._resume_accept_at = True, None
+
+    def _evict_one(self):
+        """Close the connection that has waited longest in the selector, idle ones first, so
+        that slots held by idle or unfinished connections never lock a new client out."""
+        victim = next((conn for conn in self.waiting if conn.state in (_IDLE, _LINGER)), None)
+        if victim is None:
+            victim = next(iter(self.waiting), None)
+            if victim is None:
+                return False
+            self.server.log_line("every connection slot is taken: closing the connection that "
+                                 "has waited longest (--max-connections)", once=True)
+        self._close(victim)
+        return True
+
+    def _on_readable(self, conn):
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            self._park(conn)  # a new connection with nothing to read yet
+            return
+        except OSError:
+            data = b""  # reset
+        if conn.state == _LINGER:
+            if not data:
+                self._close(conn)
+            return  # what a client sends after our error answer is dropped
+        if not data:
+            self._close(conn)  # it left: between requests, or giving up on one
+            return
+        if conn.state == _IDLE:
+            conn.state, conn.deadline = _HEAD, time.monotonic() + self.server.timeout
+        elif conn.state == _BODY:
+            conn.progress.advance(len(data))
+        conn.reader.receive(data)
+        self._advance(conn)
+
+    def _advance(self, conn):
+        """Read what the connection's reader can make of its bytes: park it to wait for more,
+        queue a whole request, or answer an error."""
+        try:
+            while True:
+                event = conn.reader.next_event()
+                if event is None:
+                    self._park(conn)
+                    return
+                kind, request = event
+                if conn.state != _BODY:
+                    self.server.check_head(request, conn)  # raises 403, 404
+                if kind == "head":
+                    conn.state, conn.progress = _BODY, _Progress(self.server.timeout)
+                    if request.expect_continue and not conn.reader.buffer:
+                        try:
+                            conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        except OSError:
+                            pass  # full or gone: the body read will tell
+                    continue
+                self._unpark(conn)
+                conn.state, conn.request = _READY, request
+                self.lead.hand_back(conn, ready=True)
+                return
+        except _HTTPError as error:
+            self._refuse(conn, error)
+
+    def _refuse(self, conn, error):
+        """Answer an error ourselves, then close the connection lingering."""
+        conn.reader.close()
+        self.server.log_refusal(conn, error)
+        try:
+            conn.sock.send(_error_answer(error.status, str(error)))
+        except OSError as exc:
+            self._unpark(conn)
+            self.server.log_line(f"client went away: {exc.strerror or exc}")
+            self._close(conn)
+            return
+        self._linger(conn)
+
+    def _linger(self, conn):
+        """Half-close and discard what still arrives, for LINGER_SECONDS at most: a client still
+        sending its request hears our answer instead of a reset."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._unpark(conn)
+            self._close(conn)
+            return
+        conn.state, conn.deadline = _LINGER, time.monotonic() + LINGER_SECONDS
+        self._park(conn)
+
+    def _expire(self, now):
+        for conn in [conn for conn in self.waiting
+                     if (conn.progress.due if conn.state == _BODY else conn.deadline) <= now]:
+            if conn.state in (_IDLE, _LINGER) or (conn.state == _HEAD and not conn.reader.buffer
+                                                  and (conn.served or self.stopping)):
+                self._close(conn)  # nothing was asked of us
+            else:
+                self._refuse(conn, _HTTPError(408, "the request did not arrive in time"))
+
+    def _close(self, conn, reset=False):
+        """Close a connection (from any thread: out of the selector unless the leader closes)."""
+        if conn.registered:
+            self._unpark(conn)
+        if conn.reader is not None:
+            conn.reader.close()
+        try:
+            if reset and not self._unix:
+                # A reset, not a FIN: the client (curl, nginx) sees the truncation as an error.
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.sock.close()
+        except OSError:
+            pass
+        with self.lead.lock:
+            self.open -= 1
+            if not self.open:
+                self._all_closed.notify_all()
+        if not self.accepting:
+            self.wake()  # a slot is free: the leader may accept again
+
+    # -- stopping --
+
+    def begin_stop(self):
+        """Stop accepting (the leader does it), close idle connections, answer the rest with
+        Connection: close.  Safe from any thread but a signal handler."""
+        self.stopping = True
+        self.wake()
+
+    def _stop_accepting(self, now):
+        self._stop_done = True
+        if not self.server.listen_address.inherited:
+            # Serve what is queued already (a Unix socket's file is gone: nothing new comes).
+            while True:
+                try:
+                    sock, address = self.listener.accept()
+                except OSError:
+                    break
+                sock.setblocking(False)
+                with self.lead.lock:
+                    self.open += 1
+                conn = _Connection(sock, address, _RequestReader(self.server.max_request_body),
+                                   now + STOP_LINGER)
+                self._on_readable(conn)
+        # An inherited socket stays open and listening: systemd keeps it for the next start.
+        if self.accepting:
+            self.selector.unregister(self.listener)
+            self.accepting = False
+        if not self.server.listen_address.inherited:
+            self.listener.close()
+        for conn in list(self.waiting):
+            if conn.state == _IDLE:
+                self._close(conn)
+            elif conn.state == _HEAD and not conn.reader.buffer:
+                conn.deadline = min(conn.deadline, now + STOP_LINGER)
+
+    def wait_closed(self, deadline, tick):
+        """Wait until the stop is done and every connection is closed, or until ``deadline``;
+        ``tick()`` runs every PROMOTE_AFTER meanwhile (the watchdog)."""
+        with self.lead.lock:
+            while (self.open or not self._stop_done) and time.monotonic() < deadline:
+                self._all_closed.wait(min(PROMOTE_AFTER, max(0.0, deadline - time.monotonic())))
+                self.lead.lock.release()
+                try:
+                    tick()
+                finally:
+                    self.lead.lock.acquire()
+
+    def finish(self, threads, deadline):
+        """End the threads (those still in an app are daemons: they end with the process)."""
+        self.lead.finish()
+        self.wake()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread in threads):
+            self.selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+# --- §6 wsgiref glue ----------------------------------------------------------------------
+
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
+_PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
+_LOG_ESCAPES[ord("\\")] = "\\\\"
+
 
 class WSGIServer(simple_server.WSGIServer):
-    """wsgiref's WSGIServer on any ListenAddress, served by up to ``threads`` threads.
+    """wsgiref's WSGIServer on any ListenAddress, served by exactly ``threads`` threads.
 
-    The thread that accepts a connection serves it: no hand-off and no thread start per
-    request (see _accept_loop for why only one accepts at a time).  A connection whose request
-    head has not fully arrived goes to the waiting room -- a selector in the thread that runs
-    ``serve_forever()`` -- so that silent and slow clients hold no thread; once its head is
-    complete it is served in a thread of its own.  At most ``max_connections`` are open at
-    once; beyond that, new connections wait in the kernel's listen backlog.
+    The engine (§5) accepts, reads and queues requests; this class holds the settings
+    (DEFAULTS, as keywords) and the policy.  For the caller: ``serve_forever()``,
+    ``shutdown()``, ``request_stop()``, ``server_close()``, ``set_app()``/``get_app()``, and
+    use as a context manager.  May be overridden: ``verify_request(request, client_address)``
+    (False closes a new connection unanswered), ``check_head(request, connection)`` (raise
+    to refuse a request before its body is read), ``serve_request(connection)``,
+    ``handle_error(request, client_address)``, ``service_actions()`` (called by
+    serve_forever() about every poll_interval).  socketserver's one-connection-per-call entry
+    points ``handle_request()``, ``process_request()`` and ``finish_request()`` do not fit an
+    engine that keeps connections: they raise NotImplementedError.
     """
 
     request_queue_size = 1024  # wsgiref's 5 makes nginx answer 502 under the lightest load
 
-    def __init__(self, address, RequestHandlerClass=None, *, mode=0o600, group=None, threads=8,
-                 timeout=30.0, graceful_timeout=10.0, max_connections=1024, access_log=True,
-                 allow_uids=None, proxy_headers=False, forwarded_allow_ips=(), script_name=""):
+    def __init__(self, address, RequestHandlerClass=None, **settings):
+        unknown = set(settings) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
+        settings = dict(DEFAULTS, **settings)
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
+        allow_uids = settings["allow_uids"]
         self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
         # TCPServer.__init__ would make a socket of one fixed family; the address makes ours.
         socketserver.BaseServer.__init__(self, str(self.listen_address),
                                          RequestHandlerClass or WSGIRequestHandler)
-        self.socket = self.listen_address.listen(mode, group, self.request_queue_size)
+        self.socket = self.listen_address.listen(settings["mode"], settings["group"],
+                                                 self.request_queue_size)
         self.address_family = self.socket.family
         self.server_address = self.socket.getsockname()
         if self.address_family == socket.AF_UNIX:
@@ -428,25 +1425,16 @@ class WSGIServer(simple_server.WSGIServer):
         else:
             self.server_name, self.server_port = self.server_address[:2]
         self.setup_environ()
-        self.proxy_headers = proxy_headers
-        self.forwarded_allow_ips = _ip_addresses(forwarded_allow_ips)
-        self.script_name = script_name
-        self.threads = threads
-        self.timeout = timeout
-        self.graceful_timeout = graceful_timeout
-        self.access_log = access_log
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._busy = 0  # connections being served by a thread
-        self._idle = threading.Condition()
-        self._arrivals = deque()  # connections for the waiting room
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
-        self._wakeup_w.setblocking(False)
+        self.proxy_headers = settings["proxy_headers"]
+        self.forwarded_allow_ips = _ip_addresses(settings["forwarded_allow_ips"])
+        for name in ("script_name", "threads", "timeout", "keep_alive", "graceful_timeout",
+                     "max_connections", "max_request_body", "access_log"):
+            setattr(self, name, settings[name])
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._stop_w.setblocking(False)
         self._stop_requested = False
         self._stopped = threading.Event()
-        self._leadership = threading.Semaphore(1)  # held by the thread that accepts
-        self._generation = 0  # counts promotions; a leader whose generation passed, follows
-        self._leader_busy_since = None
-        self._followers = 0
+        self._engine = None
         self._logged = set()  # messages said once
         self.on_ready = None  # see serve_forever()
         if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
@@ -461,420 +1449,179 @@ class WSGIServer(simple_server.WSGIServer):
         """Close the listening socket and remove the socket file, if it is still ours."""
         super().server_close()
         self.listen_address.remove_socket_file()
-        self._wakeup_r.close()
-        self._wakeup_w.close()
+        self._stop_r.close()
+        self._stop_w.close()
 
     def request_stop(self):
         """Ask serve_forever() to stop, without waiting.  Safe in a signal handler."""
         self._stop_requested = True
-        self._wake()
+        try:
+            self._stop_w.send(b"!")
+        except OSError:
+            pass  # a wake-up is pending already, or the server is closed
 
     def shutdown(self):
         """Stop serve_forever() and wait until it has returned (call it from another thread)."""
         self.request_stop()
         self._stopped.wait()
 
-    def _wake(self):
-        try:
-            self._wakeup_w.send(b"!")
-        except OSError:
-            pass  # already full (a wake-up is pending) or closed (stopped)
+    @property
+    def stopping(self):
+        return self._stop_requested
 
     def serve_forever(self, poll_interval=1.0):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
-        New connections are refused at once; requests in flight get ``graceful_timeout``
-        seconds to finish.  This thread is the waiting room meanwhile; ``poll_interval`` is
-        how often it looks for clients that have run out of time.  Once its threads are there
-        to serve, it calls ``on_ready()`` if set (serve() says so on stderr then).
+        Runs ``threads`` threads (§5); this thread watches them: when the leader has been in
+        one app for PROMOTE_AFTER seconds, a follower takes over.  ``poll_interval`` is how
+        often timed-out connections are looked for.  Once the threads serve, it calls
+        ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new connections,
+        idle ones close, requests in flight get ``graceful_timeout`` seconds.
         """
         self._stopped.clear()
-        self._poll_interval, self._next_expiry_scan = poll_interval, 0.0
-        # Made before the threads start: once they accept, descriptors may run out.
-        selector = selectors.DefaultSelector()
-        selector.register(self._wakeup_r, selectors.EVENT_READ)
-        accepters = [threading.Thread(target=self._accept_loop, name=f"{PROG}-{number}", daemon=True)
-                     for number in range(self.threads)]
+        engine = self._engine = _Engine(self, poll_interval)
+        threads = [threading.Thread(target=engine.run_thread, name=f"{PROG}-{number}", daemon=True)
+                   for number in range(self.threads)]
         try:
-            for thread in accepters:
+            for thread in threads:
                 thread.start()
         except RuntimeError as exc:
-            self._stop_requested = True
+            engine.finish([], 0)
             raise ServeError(f"{self}: cannot start {self.threads} threads ({exc}); lower "
                              f"--threads, or raise the limit on processes") from None
         if self.on_ready is not None:
             self.on_ready()
-        waiting = {}  # connection -> [client address, bytes received, deadline]
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
         stop_began = time.monotonic()
         try:
             while not self._stop_requested:
-                self._promote_if_leader_is_stuck()
-                self._waiting_room(selector, waiting, _PROMOTE_AFTER if self._leader_busy_since
-                                   else min(poll_interval, 0.1))
+                busy = engine.lead.busy_since is not None
+                if poller.poll(1000 * (PROMOTE_AFTER if busy else min(poll_interval, 0.1))):
+                    self._stop_r.recv(4096)
+                engine.lead.promote_if_stuck(PROMOTE_AFTER)
+                self.service_actions()
             stop_began = time.monotonic()
-            self._stop_accepting(stop_began + self.graceful_timeout)
-            # Connections accepted just before the stop may not have sent their request yet,
-            # and the accept threads may still be parking some: keep the waiting room open.
-            linger_end = stop_began + _STOP_LINGER
-            while time.monotonic() < linger_end and (waiting or self._arrivals or any(
-                    thread.is_alive() for thread in accepters if not self.listen_address.inherited)):
-                self._waiting_room(selector, waiting, 0.01)
+            if self.listen_address.kind == "unix":
+                # Without its file no one can connect any more (nginx gets its 502 at once),
+                # yet what is already in the backlog can still be accepted and served.
+                self.listen_address.remove_socket_file()
+            engine.begin_stop()
+            engine.wait_closed(stop_began + self.graceful_timeout,
+                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER))
         finally:
             self._stop_requested = True
-            for conn in list(waiting) + [entry[0] for entry in self._arrivals]:
-                self._close(conn)
-            selector.close()
-            deadline = stop_began + self.graceful_timeout
-            if not self.listen_address.inherited:
-                # Each ends once its request is done and accept() fails; joining them closes
-                # the gap between a thread's accept() and its count in self._busy.
-                for thread in accepters:
-                    thread.join(max(0.0, deadline - time.monotonic()))
-            with self._idle:
-                while self._busy and time.monotonic() < deadline:
-                    self._idle.wait(deadline - time.monotonic())
+            engine.finish(threads, time.monotonic() + 0.1)
             self._stopped.set()
 
-    def _waiting_room(self, selector, waiting, timeout):
-        """Wait up to ``timeout`` for connections to send more; serve those whose head is complete."""
-        for key, _ in selector.select(timeout):
-            if key.fileobj is self._wakeup_r:
-                self._wakeup_r.recv(4096)
-                while self._arrivals:
-                    conn, address, received = self._arrivals.popleft()
-                    # a bytearray: appending to bytes would copy the whole head each time
-                    waiting[conn] = [address, bytearray(received), time.monotonic() + self.timeout]
-                    selector.register(conn, selectors.EVENT_READ)
-            else:
-                self._on_waiting_readable(key.fileobj, waiting, selector)
-        now = time.monotonic()
-        if now < self._next_expiry_scan:
-            return
-        self._next_expiry_scan = now + self._poll_interval
-        for conn in [c for c, entry in waiting.items() if entry[2] < now]:
-            selector.unregister(conn)
-            del waiting[conn]
-            self._close(conn, _bare_answer("408 Request Timeout"))
-            self._log_line("a request did not arrive in time: 408")
-
-    def _on_waiting_readable(self, conn, waiting, selector):
-        entry = waiting[conn]
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            scanned = len(entry[1])
-            entry[1] += data
-            if not _head_ready(entry[1], scanned):
-                return
-        selector.unregister(conn)
-        del waiting[conn]
-        if not data:
-            self._close(conn)  # the client gave up before sending a whole request
-            return
-        self._begin()
-        try:
-            threading.Thread(target=self._serve_connection, args=(conn, entry[0], bytes(entry[1])),
-                             name=f"{PROG}-waited", daemon=True).start()
-        except RuntimeError as exc:  # out of threads: a container's pids limit, say
-            self._end()
-            self._close(conn, _bare_answer("503 Service Unavailable"))
-            self._log_line(f"cannot start a thread ({exc}); answering 503", once=True)
-
-    def _stop_accepting(self, deadline):
-        """Refuse new connections, serve the ones already queued, stop the accept threads."""
-        self._stop_requested = True
-        for _ in range(self.threads):
-            self._leadership.release()  # every follower helps drain the backlog, then ends
-        if self.listen_address.inherited:
-            # Shared with systemd, which keeps it for the next start: leave it listening.
-            # The accept threads are daemons and end with the process.
-            return
-        if self.listen_address.kind == "unix":
-            # Without its file no one can connect any more, yet the connections already in
-            # the backlog can still be accepted: serve them rather than reset them.
-            self.listen_address.remove_socket_file()
-            poller = select.poll()
-            poller.register(self.socket, select.POLLIN)
-            while poller.poll(0) and time.monotonic() < deadline:
-                time.sleep(0.005)
-        # Wakes every thread blocked in accept() (EINVAL) and refuses new connections at once,
-        # so nginx answers 502 now instead of queueing.
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _begin(self):
-        with self._idle:
-            self._busy += 1
-
-    def _end(self):
-        with self._idle:
-            self._busy -= 1
-            self._idle.notify_all()
-
-    def _accept_loop(self):
-        """One of the threads: a follower until promoted, then the leader until demoted.
-
-        Threads that are all runnable at once fight over the GIL, and every blocking call
-        hands it over: measured here, 8 threads accepting side by side serve less than half
-        of what one thread does alone.  So one thread at a time -- the leader -- accepts and
-        serves; the others wait.  Only when the leader has been busy with one request for
-        _PROMOTE_AFTER seconds (a slow app) does the waiting room promote a follower.
-        """
-        while True:
-            with self._idle:
-                self._followers += 1
-            self._leadership.acquire()
-            with self._idle:
-                self._followers -= 1
-            generation = self._generation
-            while generation == self._generation:
-                self._slots.acquire()
-                try:
-                    conn, address = self.socket.accept()
-                except OSError as exc:
-                    self._slots.release()
-                    if self._stop_requested:
-                        return
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        # Out of descriptors or memory: the connection stays in the backlog,
-                        # and retrying at once would spin a core; wait for others to close.
-                        self._log_line(f"accept() failed: {exc.strerror}; retrying", once=True)
-                        time.sleep(0.1)
-                    continue
-                self._begin()
-                self._leader_busy_since = time.monotonic()
-                self._serve_connection(conn, address, b"")
-                if generation == self._generation:
-                    self._leader_busy_since = None
-
-    def _promote_if_leader_is_stuck(self, after=_PROMOTE_AFTER):
-        since = self._leader_busy_since
-        if since is not None and time.monotonic() - since >= after and self._followers:
-            self._leader_busy_since = None
-            self._generation += 1
-            self._leadership.release()
-
     def will_block(self):
-        """Let another thread accept now: the calling request is about to wait on something.
+        """Let another thread lead now: the calling request is about to wait on something.
 
         Apps reach it as ``environ["wsgi_unix.will_block"]``; the command app calls it before
         running its command, so that commands run side by side from the first millisecond.
         """
-        self._promote_if_leader_is_stuck(after=0)
+        if self._engine is not None:
+            self._engine.lead.promote_if_stuck(0, caller=threading.get_ident())
 
-    def _serve_connection(self, conn, address, received):
-        """Read the request head if it is there already, else send the connection to the
-        waiting room; serve it once the head is complete.  The caller has called _begin()."""
-        try:
-            while not _head_ready(received):
-                try:
-                    data = conn.recv(65536, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    conn.setblocking(False)
-                    self._arrivals.append((conn, address, received))
-                    self._wake()
-                    conn = None  # the waiting room's now
-                    return
-                except OSError:
-                    data = b""  # reset (TCP)
-                if not data:
-                    return  # the client gave up before sending a whole request
-                received += data
-            conn.settimeout(self.timeout)
-            self.finish_request(conn, address, received)
-        except Exception:
-            self.handle_error(conn, address)
-        finally:
-            if conn is not None:
-                self._close(conn)
-            self._end()
+    def handle_request(self, *args):
+        raise NotImplementedError("wsgi_unix serves with serve_forever(); it keeps connections "
+                                  "open, so there is no one-request step")
 
-    def finish_request(self, request, client_address, received=b""):
-        """Serve one connection whose request head (at least) is in ``received``."""
-        self.RequestHandlerClass(request, client_address, self, received)
+    process_request = finish_request = handle_request
 
-    def _close(self, conn, last_words=b""):
-        try:
-            if last_words:
-                conn.send(last_words)
-            conn.close()
-        except OSError:
-            pass
-        finally:
-            self._slots.release()
+    def check_head(self, request, connection):
+        """Refuse a request from its head alone (before its body is read): raise _HTTPError."""
+        allowed = self.allow_uids
+        if allowed is not None and connection.peer[1] not in allowed:
+            raise _HTTPError(403, f"uid {connection.peer[1]} may not connect")
+        prefix = self.script_name
+        if prefix and request.path != prefix and not request.path.startswith(prefix + "/"):
+            raise _HTTPError(404, f"not under {prefix}")
 
-    def _log_line(self, message, once=False):
+    def serve_request(self, connection):
+        """Run the app for ``connection.request``; return "keep", "close" or "abort"."""
+        handler = self.RequestHandlerClass(connection.sock, connection.address, self, connection)
+        return handler.outcome
+
+    def log_refusal(self, connection, error):
+        """One log line for a request we refused ourselves (always, even without access log)."""
+        line = connection.reader.line
+        client = "-" if self.address_family == socket.AF_UNIX else connection.address[0]
+        self.log_line(f'{client} - - [{_log_time()}] "{line}" {error.status} - {error}',
+                      prefix=False)
+
+    def log_line(self, message, once=False, prefix=True):
         if not (once and message in self._logged):
-            self._logged.add(message)
-            sys.stderr.write(f"{PROG}: {message}\n")
+            if once:
+                self._logged.add(message)
+            message = message.translate(_LOG_ESCAPES)
+            sys.stderr.write(f"{PROG}: {message}\n" if prefix else message + "\n")
 
 
-def _bare_answer(status):
-    """A response with no body, for a connection that never reached the request handler."""
-    return f"HTTP/1.0 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode()
-
-
-def _head_ready(received, scanned=0):
-    """True once ``received`` holds a whole request head, or too much to be a valid one.
-
-    Only what came after the first ``scanned`` bytes is searched: a client that trickles a
-    256 KiB head a byte at a time must not make us scan it 256 Ki times.
-    """
-    if _HEAD_END.search(received, max(0, scanned - 3)) or len(received) > MAX_HEAD:
-        return True
-    return len(received) > MAX_LINE and received.find(b"\n", 0, MAX_LINE + 1) == -1
-
-
-# --- The request handler ------------------------------------------------------------------
-
-# What a send to a client that hung up (or stopped reading: see _SocketWriter) raises.
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-
-
-class _HTTPError(Exception):
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-
-
-_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, CRLF or bare LF
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-_VERSION = re.compile(rb"HTTP/\d\.\d\Z")
-_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
-_LOG_ESCAPES[ord("\\")] = "\\\\"
-
-
-def _parse_request_head(received):
-    """Parse a request head: return (method, target, version, [(name, value)], bytes after it).
-
-    Enforces http.server's limits (414 for a long request line, 431 for a long header line or
-    too many headers) and refuses what proxies disagree about: bare HTTP/0.9, control bytes,
-    whitespace before a colon, folded header lines.  Raises _HTTPError with the status.
-    """
-    end = _HEAD_END.search(received)
-    if end is None:
-        if b"\n" not in received[:MAX_LINE + 1]:
-            raise _HTTPError(414, "request line too long")
-        raise _HTTPError(431, "request head too large")
-    lines = received[:end.start()].split(b"\n")
-    line = lines[0][:-1] if lines[0].endswith(b"\r") else lines[0]
-    if len(line) > MAX_LINE:
-        raise _HTTPError(414, "request line too long")
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        raise _HTTPError(400, "malformed request line")
-    method, target, version = parts
-    if not _TOKEN.match(method) or not target or _BAD_TARGET.search(target):
-        raise _HTTPError(400, "malformed request line")
-    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
-        if _VERSION.match(version):
-            raise _HTTPError(505, "HTTP version not supported")
-        raise _HTTPError(400, "malformed request line")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise _HTTPError(431, "too many header lines")
-    headers = []
-    for line in lines[1:]:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > MAX_LINE:
-            raise _HTTPError(431, "header line too long")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            raise _HTTPError(400, "malformed header line")
-        value = value.strip(b" \t")
-        if _CONTROL.search(value):
-            raise _HTTPError(400, "control character in a header value")
-        headers.append((name.decode("ascii"), value.decode("latin-1")))
-    return (method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"),
-            headers, received[end.end():])
-
-
-# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
-_PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
+def _log_time():
+    """The access log's time, as http.server writes it."""
+    year, month, day, hh, mm, ss, *_ = time.localtime()
+    return "%02d/%3s/%04d %02d:%02d:%02d" % (
+        day, simple_server.WSGIRequestHandler.monthname[month], year, hh, mm, ss)
 
 
 class WSGIRequestHandler(simple_server.WSGIRequestHandler):
-    """wsgiref's request handler with a strict, lean parser, and Unix peers made sane.
+    """wsgiref's request handler for a request the engine has read whole, Unix peers made sane.
 
-    The server hands it the bytes it has already read (the request head, at least).  Header
-    names with ``_`` are dropped, so that ``X_Auth_User`` cannot pose as ``X-Auth-User``.
-    A Unix peer has no address: REMOTE_ADDR is ``""`` and the access log shows ``-``.
+    Constructed per request as ``(socket, client_address, server, connection)``; ``handle()``
+    builds the environ and runs the app through ServerHandler, and leaves ``outcome``: "keep"
+    (the connection may carry another request), "close" or "abort".  Header names with ``_``
+    are dropped, so that ``X_Auth_User`` cannot pose as ``X-Auth-User``.  A Unix peer has no
+    address: REMOTE_ADDR is ``""`` and the access log shows ``-``.
     """
 
     server_version = SERVER_SOFTWARE
-    # http.server's error page is HTML; a status, its phrase and the reason suit curl and logs.
-    error_message_format = "%(code)d %(message)s: %(explain)s\n"
-    error_content_type = "text/plain; charset=utf-8"
+    outcome = "close"
 
-    def __init__(self, request, client_address, server, received=b""):
-        self.received = received
+    def __init__(self, request, client_address, server, connection=None):
+        self.conn = connection
         super().__init__(request, client_address, server)
 
     def setup(self):
-        # StreamRequestHandler.setup wraps the socket in buffered files; the head is read
-        # already, and the body is read through wsgi.input.
+        # StreamRequestHandler.setup wraps the socket in buffered files; the request is read
+        # already, and the response goes out through ServerHandler.
         self.connection = self.request
-        self.wfile = _SocketWriter(self.request)
 
     def finish(self):
         pass
 
     def handle(self):
-        """Parse the request head, then run the application through ServerHandler."""
-        # Until the request line is understood, answer as HTTP/1.0: http.server's default is
-        # HTTP/0.9, which would send an error as a bare body.
-        self.request_version, self.command, self.close_connection = "HTTP/1.0", None, True
-        self.requestline = self.received[:200].split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
-        try:
-            (self.command, self.path, self.request_version, self.request_headers,
-             rest) = _parse_request_head(self.received)
-            environ = self.get_environ()
-            body = _request_body(self.connection, rest, self.request_version, self.request_headers)
-            allowed = self.server.allow_uids
-            if allowed is not None and environ["wsgi_unix.peer"][1] not in allowed:
-                raise _HTTPError(403, f"uid {environ['wsgi_unix.peer'][1]} may not connect")
-        except _HTTPError as error:
-            try:
-                self.send_error(error.status, None, str(error))
-            except _CLIENT_GONE as exc:  # it hung up without waiting for the answer
-                self.log_error("client went away: %s", exc)
-            return
-        handler = ServerHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
+        """Run the application through ServerHandler for the request the engine read."""
+        request = self.conn.request
+        self.command, self.path, self.request_version = request.method, request.target, request.version
+        self.requestline, self.request_headers = request.line, request.headers
+        server = self.server
+        self.close_connection = not (request.keep_alive and server.keep_alive and not server.stopping)
+        handler = ServerHandler(request.body, _SocketWriter(self.connection, server.timeout),
+                                self.get_stderr(), self.get_environ(), multithread=True)
         handler.request_handler = self  # wsgiref's back-pointer, for logging
-        handler.run(self.server.get_app())
+        handler.http_version = "1.1" if request.version == "HTTP/1.1" else "1.0"
+        handler.run(server.get_app())
+        self.outcome = "abort" if handler.aborted else "close" if self.close_connection else "keep"
 
     def get_environ(self):
         """The request's WSGI environ (CGI keys only; ServerHandler adds the wsgi.* keys)."""
-        env = self.server.base_environ.copy()
+        request, server = self.conn.request, self.server
+        env = server.base_environ.copy()
         env["SERVER_PROTOCOL"] = self.request_version
         env["SERVER_SOFTWARE"] = self.server_version
         env["REQUEST_METHOD"] = self.command
         env["wsgi_unix.socket"] = self.connection  # to watch for a client that went away
-        env["wsgi_unix.will_block"] = self.server.will_block
-        path, _, query = self.path.partition("?")
-        if not path.startswith("/") and "://" in path:
-            path = "/" + path.split("://", 1)[1].partition("/")[2]  # absolute-form target
-        path = urllib.parse.unquote(path, "latin-1")
-        prefix = self.server.script_name
-        if prefix:
-            if path != prefix and not path.startswith(prefix + "/"):
-                raise _HTTPError(404, f"not under {prefix}")
-            env["SCRIPT_NAME"], path = prefix, path[len(prefix):]
+        env["wsgi_unix.will_block"] = server.will_block
+        path = request.path
+        if server.script_name:
+            env["SCRIPT_NAME"], path = server.script_name, path[len(server.script_name):]
         env["PATH_INFO"] = path
-        env["QUERY_STRING"] = query
-        if self.server.address_family == socket.AF_UNIX:
+        env["QUERY_STRING"] = request.query
+        if server.address_family == socket.AF_UNIX:
             env["REMOTE_ADDR"] = ""
-            if _PEERCRED is not None:
-                env["wsgi_unix.peer"] = _PEERCRED.unpack(self.connection.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            if self.conn.peer is not None:
+                env["wsgi_unix.peer"] = self.conn.peer
         else:
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = self.client_address[0], str(self.client_address[1])
         for name, value in self.request_headers:
@@ -883,13 +1630,13 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             key = name.upper().replace("-", "_")
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 key = "HTTP_" + key
-            if key in env and key != "CONTENT_LENGTH" and env[key]:
+            if key in env and env[key] and key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 env[key] += "," + value
             else:
                 env[key] = value
-        trusted = (self.server.address_family == socket.AF_UNIX or
-                   _unmapped(self.client_address[0]) in self.server.forwarded_allow_ips)
-        if self.server.proxy_headers and trusted:
+        trusted = (server.address_family == socket.AF_UNIX or
+                   _unmapped(self.client_address[0]) in server.forwarded_allow_ips)
+        if server.proxy_headers and trusted:
             # nginx's $proxy_add_x_forwarded_for appends the address it saw: the last one.
             forwarded_for = env.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
             if forwarded_for:
@@ -911,214 +1658,57 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
     def log_message(self, format, *args):
         """One line on stderr, with control characters escaped (no log injection)."""
         message = (format % args).translate(_LOG_ESCAPES)
-        sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
-
-
-def _request_body(sock, received, request_version, headers):
-    """wsgi.input for a request: its body as Content-Length or chunked coding frames it.
-
-    Anything two parsers could frame two ways -- the root of request smuggling -- is refused.
-    """
-    codings = [value for name, value in headers if name.lower() == "transfer-encoding"]
-    lengths = {value for name, value in headers if name.lower() == "content-length"}
-    expect = request_version == "HTTP/1.1" and any(
-        name.lower() == "expect" and value.lower() == "100-continue" for name, value in headers)
-    if codings:
-        if lengths:
-            raise _HTTPError(400, "both Content-Length and Transfer-Encoding")
-        if [coding.strip().lower() for coding in ",".join(codings).split(",")] != ["chunked"]:
-            raise _HTTPError(501, "the only transfer coding understood is chunked")
-        return _Body(sock, received, None, expect)
-    if not lengths:
-        return _Body(sock, b"", 0)
-    length = lengths.pop()
-    if lengths or not (length.isascii() and length.isdigit()):
-        raise _HTTPError(400, "invalid Content-Length")
-    return _Body(sock, received, int(length), expect)
-
-
-class _Body:
-    """wsgi.input: the request body and never a byte more (the next request's, or a hang).
-
-    It decodes chunked transfer coding, and sends "100 Continue" when a client that asked for
-    it (curl does, for bodies over 1 KiB) is first read from.  A body that stops arriving
-    raises _HTTPError(408); a malformed chunk, _HTTPError(400).
-    """
-
-    def __init__(self, sock, received, length, expect_continue=False):
-        self._sock = sock
-        self._raw = received  # bytes received after the head, not yet decoded
-        self._data = bytearray()  # decoded body bytes the application has not read yet
-        self._chunked = length is None
-        self._left = length or 0  # bytes of the body (or of the current chunk) still to come
-        self._done = length == 0
-        self._after_chunk = False  # a chunk's data was read: its CRLF comes next
-        self._expect_continue = expect_continue
-        self._timeout = sock.gettimeout()  # the server's --timeout
-        self._window_end, self._window_left = 0.0, 0  # PROGRESS bytes are due by _window_end
-
-    def _recv(self, size):
-        if self._expect_continue:
-            self._expect_continue = False
-            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self._window_left <= 0:
-            self._window_end, self._window_left = time.monotonic() + self._timeout, PROGRESS
-        # Past the window's end, only what has arrived already counts (timeout 0).
-        self._sock.settimeout(max(0.0, self._window_end - time.monotonic()))
-        try:
-            data = self._sock.recv(min(size, 65536))
-        except (socket.timeout, BlockingIOError):
-            raise _HTTPError(408, "the request body did not arrive in time") from None
-        finally:
-            self._sock.settimeout(self._timeout)  # for the response
-        if not data:
-            raise ConnectionResetError("the client closed before sending the whole body")
-        self._window_left -= len(data)
-        return data
-
-    def _more(self):
-        """Decode up to 64 KiB more of the body into self._data; False at its end.
-
-        Never more: a chunk may claim a petabyte, and the app reads it 8 KiB at a time.
-        """
-        if self._done:
-            return False
-        if self._chunked and not self._left:
-            self._left = self._next_chunk_size()
-            if not self._left:
-                self._done = True
-                return False
-        piece = self._raw or self._recv(self._left)
-        piece, self._raw = piece[:self._left], piece[self._left:]
-        self._left -= len(piece)
-        self._done = not (self._chunked or self._left)
-        self._data += piece
-        return True
-
-    def _next_chunk_size(self):
-        """Read a chunk-size line (after the previous chunk's CRLF); 0 for the last chunk."""
-        if self._after_chunk and self._raw_line():
-            raise _HTTPError(400, "chunk data longer than its size")
-        self._after_chunk = True
-        size = self._raw_line().split(b";", 1)[0].strip()  # chunk extensions are ignored
-        if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
-            raise _HTTPError(400, "malformed chunk size")
-        if int(size, 16):
-            return int(size, 16)
-        for _ in range(MAX_HEADERS + 1):  # trailers, ignored
-            if not self._raw_line():
-                return 0
-        raise _HTTPError(431, "too many trailer lines")
-
-    def _raw_line(self):
-        while b"\n" not in self._raw:
-            if len(self._raw) > MAX_LINE:
-                raise _HTTPError(400, "chunk line too long")
-            self._raw += self._recv(65536)
-        line, _, self._raw = self._raw.partition(b"\n")
-        return line[:-1] if line.endswith(b"\r") else line
-
-    def _take(self, size):
-        data = bytes(self._data[:size])
-        del self._data[:size]
-        return data
-
-    def read(self, size=-1):
-        if size is None or size < 0:
-            while self._more():
-                pass
-            return self._take(len(self._data))
-        while len(self._data) < size and self._more():
-            pass
-        return self._take(size)
-
-    def readline(self, size=-1):
-        size = -1 if size is None else size
-        while True:
-            end = self._data.find(b"\n") + 1
-            if end or 0 <= size <= len(self._data) or not self._more():
-                break
-        end = end or len(self._data)
-        return self._take(min(end, size) if size >= 0 else end)
-
-    def readlines(self, hint=-1):
-        return list(self)
-
-    def __iter__(self):
-        return iter(self.readline, b"")
+        sys.stderr.write(f"{self.address_string()} - - [{_log_time()}] {message}\n")
 
 
 class _SocketWriter:
-    """wfile for http.server's send_error(), and stdout for ServerHandler."""
+    """ServerHandler's stdout: the response goes out on the non-blocking socket under the
+    progress rule (§4), which starts with the response."""
 
-    def __init__(self, sock):
-        self._sock = sock
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.progress = _Progress(timeout)
 
     def write(self, data):
-        # sendall()'s timeout covers the whole call: PROGRESS bytes at a time, each within the
-        # timeout -- a slow but steady reader is served, a trickling one does not hold us.
-        try:
-            with memoryview(data) as view:
-                for start in range(0, len(view), PROGRESS):
-                    self._sock.sendall(view[start:start + PROGRESS])
-        except socket.timeout:
-            # A client that stops reading has gone away as surely as one that hung up.
-            raise ConnectionAbortedError("the client stopped reading") from None
+        _send_all(self.sock, data, self.progress)
 
     def flush(self):
         pass
 
 
-# --- The environment-scrubbing ServerHandler ----------------------------------------------
-
 _STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f]*\Z")
 _HEADER_NAME = re.compile(_TOKEN.pattern.decode())  # the request's token rule, for str
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
-_date_cache = [0, ""]
-
-
-def _http_date():
-    now = int(time.time())
-    if _date_cache[0] != now:  # formatdate costs more than the rest of a small response
-        _date_cache[:] = [now, formatdate(now, usegmt=True)]
-    return _date_cache[1]
-
-
-def _send_file(sock, fd, offset, count):
-    """os.sendfile() under _SocketWriter's rule: PROGRESS bytes per timeout, or give up.
-
-    (socket.sendfile() waits up to the timeout for each bit of room, however small.)
-    """
-    timeout, end = sock.gettimeout(), offset + count
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while offset < end:
-        due, block_end = time.monotonic() + timeout, min(end, offset + PROGRESS)
-        while offset < block_end:
-            try:
-                sent = os.sendfile(sock.fileno(), fd, offset, block_end - offset)
-            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
-                left = due - time.monotonic()
-                if left <= 0 or not poller.poll(left * 1000):
-                    raise ConnectionAbortedError("the client stopped reading") from None
-                continue
-            if not sent:
-                return  # the file is shorter than it was
-            offset += sent
 
 
 class ServerHandler(simple_server.ServerHandler):
-    """wsgiref's ServerHandler, with nothing from ``os.environ`` in the request environ.
+    """wsgiref's ServerHandler, with nothing from ``os.environ`` and HTTP/1.1 framing.
 
     wsgiref copies the whole process environment into every request (database passwords,
-    and ``HTTPS=on``, which changes wsgi.url_scheme).  Here the environ holds the request and
-    the server's keys only.  It also sends the response head with the first body bytes in one
-    send, and no body at all for HEAD.
+    and ``HTTPS=on``, which changes wsgi.url_scheme); here the environ holds the request and
+    the server's keys only.  How a response is framed, decided when its head goes out:
+
+    - a Content-Length from the app, or one we can count (a list of bytes, or a response to
+      HTTP/1.0 that ends within FIRST_BUFFER bytes, held back until then): the connection
+      may be kept; a body that stops short of its length aborts the connection;
+    - else, to HTTP/1.1, ``Transfer-Encoding: chunked``: the last chunk is sent only when the
+      app finished without error;
+    - else (HTTP/1.0) the body ends with the connection.
+    HEAD, 1xx, 204 and 304 responses carry no body and no framing of ours.  An app that fails
+    after the head went out gets the connection aborted (a reset on TCP), so that the
+    truncation shows: curl exits non-zero and nginx does not cache.
     """
 
     os_environ = {}
     server_software = SERVER_SOFTWARE
+    http_version = "1.0"  # set per request to the client's
+    aborted = False  # the response could not be finished: the connection must not be reused
+    _started = False  # the head went out (or is about to): too late for a 500
     _head = b""  # the response head, sent with the first body bytes
+    _held = None  # body blocks held back to count them (HTTP/1.0, no Content-Length)
+    _chunked = _no_body = False
+    _length = None  # the Content-Length the body must match
+    _body_sent = 0
 
     def run(self, application):
         # BaseHandler.run, copied to log a client that went away (wsgiref says nothing).
@@ -1127,14 +1717,17 @@ class ServerHandler(simple_server.ServerHandler):
             self.result = application(self.environ, self.start_response)
             self.finish_response()
         except _CLIENT_GONE as exc:
+            self.aborted = True
             self.request_handler.log_error("client went away: %s", exc)
         except:  # noqa: E722 -- as wsgiref: whatever the app raised, answer 500
             try:
                 self.handle_error()
             except _CLIENT_GONE as exc:  # before it could hear of the error
+                self.aborted = True
                 self.close()
                 self.request_handler.log_error("client went away: %s", exc)
             except:  # noqa: E722
+                self.aborted = True
                 self.close()
                 raise
 
@@ -1143,50 +1736,127 @@ class ServerHandler(simple_server.ServerHandler):
         self.environ["wsgi.input_terminated"] = True  # wsgi.input ends where the body ends
 
     def start_response(self, status, headers, exc_info=None):
-        # wsgiref checks types with assert (gone under -O) and lets CR/LF through: refuse
-        # anything that could split the response, whatever the interpreter's flags.
+        # wsgiref checks with assert (gone under -O) and lets CR/LF through: refuse anything
+        # that could split the response or break its framing, whatever the interpreter's flags.
         if not (type(status) is str and _STATUS.match(status)):
             raise ValueError(f"malformed status {status!r}")
         for name, value in headers:
             if not (type(name) is str and type(value) is str and _HEADER_NAME.match(name)
                     and not _HEADER_VALUE_BAD.search(value)):
                 raise ValueError(f"malformed response header {name!r}: {value!r}")
+            if wsgiref_util.is_hop_by_hop(name):
+                raise ValueError(f"hop-by-hop header {name!r}: the server frames the response")
+            if name.lower() == "content-length" and not (value.isascii() and value.isdigit()):
+                raise ValueError(f"malformed Content-Length {value!r}")
         return super().start_response(status, headers, exc_info)
 
     def handle_error(self):
-        """Answer a request that could not be read with its own status; anything else, 500."""
-        error = sys.exc_info()[1]
-        if not isinstance(error, _HTTPError):
+        """Answer 500 if nothing went out yet; else abort the connection (and log it)."""
+        if not self._started:
+            self._held = None  # what the app wrote before it failed is not the answer
             return super().handle_error()
-        self.request_handler.log_error("%s", error)
+        self.log_exception(sys.exc_info())
+        self.aborted = True
+        if self.status is not None:  # (wsgiref before 3.9 has closed and logged already)
+            self.request_handler.log_request(self.status.split(" ", 1)[0], self.bytes_sent)
+
+    def write(self, data):
+        # BaseHandler.write, with the first blocks held back when they may yet be counted.
+        if type(data) is not bytes:
+            raise TypeError(f"write() argument must be bytes, not {type(data).__name__}")
+        if not self.status:
+            raise AssertionError("write() before start_response()")
         if not self.headers_sent:
-            self.error_status = f"{error.status} {http.HTTPStatus(error.status).phrase}"
-            self.error_body = f"{self.error_status}: {error}\n".encode()
-            self.result = self.error_output(self.environ, self.start_response)
-            self.finish_response()
+            if self._holding():
+                self._held.append(data)
+                if sum(map(len, self._held)) < FIRST_BUFFER:
+                    return
+                data, self._held = b"".join(self._held), None
+            self.bytes_sent = len(data)
+            self.send_headers()
+        else:
+            self.bytes_sent += len(data)
+        self._write(data)
+
+    def _holding(self):
+        if self._held is None and self.http_version == "1.0" and "Content-Length" not in self.headers:
+            self._held = [] if (self.result is None or not isinstance(self.result, (list, tuple))) else None
+        return self._held is not None
+
+    def set_content_length(self):
+        # wsgiref counts a one-block list; any list of bytes can be counted before it is sent.
+        result = self.result
+        if isinstance(result, (list, tuple)) and all(type(block) is bytes for block in result):
+            self.headers["Content-Length"] = str(sum(map(len, result)))
 
     def send_headers(self):
-        # BaseHandler.send_headers and send_preamble, joined: one buffer instead of four sends.
+        # BaseHandler.send_headers and send_preamble, joined into one buffer, with our framing.
         self.cleanup_headers()
-        self.headers_sent = True
+        self.headers_sent = self._started = True
+        code, headers = int(self.status[:3]), self.headers
+        self._no_body = self.environ["REQUEST_METHOD"] == "HEAD" or code < 200 or code in (204, 304)
+        if code < 200 or code == 204:
+            del headers["Content-Length"]
+        length = headers.get("Content-Length")
+        if length is not None:
+            self._length = int(length)
+        elif not self._no_body:
+            if self.http_version == "1.1":
+                headers["Transfer-Encoding"] = "chunked"
+                self._chunked = True
+            else:
+                self.request_handler.close_connection = True  # the body ends with the connection
+        if self.request_handler.server.stopping:
+            self.request_handler.close_connection = True  # SIGTERM came while the app ran
+        if self.request_handler.close_connection:
+            headers["Connection"] = "close"
+        elif self.http_version == "1.0":
+            headers["Connection"] = "keep-alive"
         lines = [f"HTTP/{self.http_version} {self.status}\r\n"]
-        if "Date" not in self.headers:
+        if "Date" not in headers:
             lines.append(f"Date: {_http_date()}\r\n")
-        if "Server" not in self.headers:
+        if "Server" not in headers:
             lines.append(f"Server: {self.server_software}\r\n")
-        self._head = "".join(lines).encode("latin-1") + bytes(self.headers)
+        self._head = "".join(lines).encode("latin-1") + bytes(headers)
 
     def _write(self, data):
-        if self.environ["REQUEST_METHOD"] == "HEAD":
+        if self._no_body:
             data = b""
+        elif self._length is not None:
+            room = self._length - self._body_sent
+            if len(data) > room:  # more than it said: the rest would be read as a next request
+                data = data[:room]
+                self.request_handler.close_connection = True
+            self._body_sent += len(data)
+        elif self._chunked and data:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._head:
-            head, self._head = self._head, b""
-            if len(data) < 65536:
-                data = head + data
-            else:
-                self.stdout.write(head)
+            data, self._head = self._head + data, b""
         if data:
             self.stdout.write(data)
+
+    def finish_content(self):
+        if not self.headers_sent:
+            data, self._held = b"".join(self._held or ()), None
+            code = int(self.status[:3])
+            if code >= 200 and code not in (204, 304):
+                self.headers.setdefault("Content-Length", str(len(data)))
+            self.bytes_sent = len(data)
+            self.send_headers()
+            self._write(data)
+        elif self._chunked:
+            self._write_raw(b"0\r\n\r\n")
+        elif self._length is not None and self._body_sent < self._length and not self._no_body:
+            self.aborted = True  # the client would wait for the rest
+            self.request_handler.log_error("the app sent %d of the %d bytes of its Content-Length",
+                                           self._body_sent, self._length)
+        if self._head:
+            self._write(b"")
+
+    def _write_raw(self, data):
+        if self._head:
+            data, self._head = self._head + data, b""
+        self.stdout.write(data)
 
     def sendfile(self):
         """Send a wsgi.file_wrapper around a real file with os.sendfile (no copies)."""
@@ -1204,21 +1874,78 @@ class ServerHandler(simple_server.ServerHandler):
             self.headers["Content-Length"] = str(count)
         self.send_headers()
         self._write(b"")  # the head
-        if self.environ["REQUEST_METHOD"] != "HEAD" and count:
-            _send_file(self.request_handler.connection, file.fileno(), offset, count)
-        self.bytes_sent = count
+        if not self._no_body and count:
+            self._body_sent = self.bytes_sent = _send_file(
+                self.request_handler.connection, file.fileno(), offset, count, self.stdout.progress)
+        self.finish_content()
         return True
 
     def _flush(self):
         pass
 
-    def finish_content(self):
-        super().finish_content()
-        if self._head:
-            self._write(b"")
+
+# --- §7 API -------------------------------------------------------------------------------
+
+def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequestHandler, **options):
+    """Return a bound, listening WSGIServer for ``app`` on ``address`` (a context manager).
+
+    ``address`` is a ListenAddress or its text; ``options`` are WSGIServer's keywords
+    (``mode``, ``group``, ``threads``, ``timeout``, ``proxy_headers``... as on the command line).
+    """
+    server = server_class(address, handler_class, **options)
+    server.set_app(app)
+    return server
 
 
-# --- The example app: a command per request -----------------------------------------------
+def serve(app, address, **options):
+    """Serve ``app`` on ``address`` until SIGTERM or SIGINT (or shutdown()), then clean up.
+
+    Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it serves.
+    Signal handlers are installed only when called from the main thread.
+    """
+    with make_server(address, app, **options) as server:
+        def stop(*_):
+            _notify_systemd("STOPPING=1")
+            server.request_stop()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                handlers[signum] = signal.signal(signum, stop)
+        try:
+            if server.listen_address.kind == "abstract":
+                sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket; anyone in this "
+                                 f"network namespace can connect to it\n")
+            elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
+                # connect() needs write permission: "others" may send requests.
+                sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
+                                 f"connect to {server}; 660 with --group is the usual choice\n")
+
+            def ready():
+                sys.stderr.write(f"{PROG}: serving on {server}\n")
+                sys.stderr.flush()
+                _notify_systemd("READY=1")
+            server.on_ready = ready
+            server.serve_forever()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+
+def _notify_systemd(state):
+    """Tell systemd (Type=notify) how we are, if it asked: sd_notify(3), in a few lines."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    if not address:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        sys.stderr.write(f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
+
+
+# --- §8 The example app: a command per request --------------------------------------------
 
 DEFAULT_COMMAND = ["date", "-u"]  # in coreutils and busybox, and new on every request
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a command that ran out of time
@@ -1263,17 +1990,19 @@ class _CommandApp:
         if length and int(length) > self.max_body:
             return _plain(start_response, "413 Content Too Large",
                           f"the request body is over {self.max_body} bytes")
-        body = environ["wsgi.input"].read(self.max_body + 1)
-        if len(body) > self.max_body:
-            return _plain(start_response, "413 Content Too Large",
-                          f"the request body is over {self.max_body} bytes")
-        env = self._child_environment(environ, body)
-        if env is None:
-            return _plain(start_response, "400 Bad Request", "NUL byte in the request")
+        # The server has received the body already; the slot comes first all the same, so
+        # that a request waiting for its turn holds nothing but its thread.
         environ.get("wsgi_unix.will_block", _nothing)()
         if not self._slots.acquire(timeout=self.timeout):
             return _plain(start_response, "503 Service Unavailable", "too many commands running")
         try:
+            body = environ["wsgi.input"].read(self.max_body + 1)
+            if len(body) > self.max_body:
+                return _plain(start_response, "413 Content Too Large",
+                              f"the request body is over {self.max_body} bytes")
+            env = self._child_environment(environ, body)
+            if env is None:
+                return _plain(start_response, "400 Bad Request", "NUL byte in the request")
             outcome, code, output = self._run(env, body, environ)
         finally:
             self._slots.release()
@@ -1484,68 +2213,7 @@ def _command_path():
     return os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
 
 
-# --- The API ------------------------------------------------------------------------------
-
-def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequestHandler, **options):
-    """Return a bound, listening WSGIServer for ``app`` on ``address`` (a context manager).
-
-    ``address`` is a ListenAddress or its text; ``options`` are WSGIServer's keywords
-    (``mode``, ``group``, ``threads``, ``timeout``, ``proxy_headers``... as on the command line).
-    """
-    server = server_class(address, handler_class, **options)
-    server.set_app(app)
-    return server
-
-
-def serve(app, address, **options):
-    """Serve ``app`` on ``address`` until SIGTERM or SIGINT (or shutdown()), then clean up.
-
-    Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it serves.
-    Signal handlers are installed only when called from the main thread.
-    """
-    with make_server(address, app, **options) as server:
-        def stop(*_):
-            _notify_systemd("STOPPING=1")
-            server.request_stop()
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                handlers[signum] = signal.signal(signum, stop)
-        try:
-            if server.listen_address.kind == "abstract":
-                sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket; anyone in this "
-                                 f"network namespace can connect to it\n")
-            elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
-                # connect() needs write permission: "others" may send requests.
-                sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
-                                 f"connect to {server}; 660 with --group is the usual choice\n")
-
-            def ready():
-                sys.stderr.write(f"{PROG}: serving on {server}\n")
-                sys.stderr.flush()
-                _notify_systemd("READY=1")
-            server.on_ready = ready
-            server.serve_forever()
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-
-
-def _notify_systemd(state):
-    """Tell systemd (Type=notify) how we are, if it asked: sd_notify(3), in a few lines."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    if not address:
-        return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as exc:
-        sys.stderr.write(f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
-
-
-# --- The command line ---------------------------------------------------------------------
+# --- §9 The command line ------------------------------------------------------------------
 
 _HELP_EPILOG = """\
 addresses:
@@ -1593,6 +2261,17 @@ def _parse_command_line(argv):
             return value
         return check
 
+    def non_negative(kind):
+        def check(text):
+            try:
+                value = kind(text)
+            except ValueError:
+                value = -1
+            if not 0 <= value < float("inf"):  # also refuses nan
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 up")
+            return value
+        return check
+
     def script_name(text):
         if text and (not text.startswith("/") or text.endswith("/")):
             raise argparse.ArgumentTypeError(f"{text!r} should look like /prefix")
@@ -1632,15 +2311,28 @@ def _parse_command_line(argv):
                         help="socket file mode, in force before listen() (default: 600; nginx: 660)")
     server.add_argument("--group", metavar="NAME|GID",
                         help="socket file group, e.g. www-data (default: the process's group)")
-    server.add_argument("--threads", type=positive(int), default=8, metavar="N",
-                        help="threads that accept and serve connections (default: %(default)s)")
-    server.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
+    server.add_argument("--threads", type=positive(int), default=DEFAULTS["threads"], metavar="N",
+                        help="threads that run the app: at most N requests at once; waiting "
+                             "connections hold none (default: %(default)s)")
+    server.add_argument("--timeout", type=positive(float), default=DEFAULTS["timeout"],
+                        metavar="SECONDS",
                         help="for the request head to arrive, then for each 64 KiB of its body "
                              "or of the response (default: %(default)g); then 408 or a close")
-    server.add_argument("--graceful-timeout", type=positive(float), default=10.0, metavar="SECONDS",
+    server.add_argument("--keep-alive", type=non_negative(float), default=DEFAULTS["keep_alive"],
+                        metavar="SECONDS",
+                        help="how long an idle HTTP/1.1 connection stays open (default: "
+                             "%(default)g, longer than proxies keep theirs); 0: one request each")
+    server.add_argument("--graceful-timeout", type=positive(float),
+                        default=DEFAULTS["graceful_timeout"], metavar="SECONDS",
                         help="for requests in flight to finish after SIGTERM (default: %(default)g)")
-    server.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
-                        help="open at once; more wait in the listen backlog (default: %(default)s)")
+    server.add_argument("--max-connections", type=positive(int), default=DEFAULTS["max_connections"],
+                        metavar="N",
+                        help="open at once; when all are taken, the longest idle or unfinished "
+                             "one gives way (default: %(default)s)")
+    server.add_argument("--max-request-body", type=size, default=DEFAULTS["max_request_body"],
+                        metavar="SIZE",
+                        help="largest request body, received before the app runs (default: 1G); "
+                             "larger gets 413")
     server.add_argument("--allow-uid", metavar="UID[,UID...]",
                         help="only these users (names or numbers) may send requests; others get "
                              "403 (Unix sockets, Linux)")
@@ -1713,9 +2405,13 @@ def main(argv=None):
                               max_body=args.max_body, max_output=args.max_output,
                               timeout=args.command_timeout, methods=args.methods,
                               max_procs=args.max_procs or args.threads)
-        serve(app, address, mode=0o600 if args.mode is None else args.mode, group=args.group,
-              threads=args.threads, timeout=args.timeout, graceful_timeout=args.graceful_timeout,
+        serve(app, address, mode=DEFAULTS["mode"] if args.mode is None else args.mode,
+              group=args.group, threads=args.threads, timeout=args.timeout,
+              keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=not args.quiet,
+              # a command gets no more than --max-body: refuse a larger one before it comes
+              max_request_body=args.max_request_body if args.app else min(args.max_request_body,
+                                                                           args.max_body),
               allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
               proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
               script_name=args.script_name)
