@@ -36,6 +36,7 @@ import io, json, os, sys, threading, time
 
 barrier = None
 inflight, peak, counting = 0, 0, threading.Lock()  # app calls at once, and the most seen
+seen = set()  # client sockets
 
 
 class NoRead(io.FileIO):
@@ -180,6 +181,10 @@ def app(environ, start_response):
                 inflight -= 1
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"counted\n"]
+    if path == "/count-connections":  # how many connections requests came on
+        seen.add(environ["wsgi_unix.socket"])  # (kept, so that no id is reused)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % len(seen)]
     if path == "/peak":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % peak]
@@ -1874,9 +1879,13 @@ class NginxTests(ServerTestCase):
         for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.mkdir(os.path.join(prefix, temp))
             shutil.chown(os.path.join(prefix, temp), "www-data")
-        snippet = readme_block("nginx", "proxy_pass http://unix:")
+        snippet = readme_block("nginx", "proxy_http_version")
         snippet = snippet.replace("/run/app/app.sock", self.sock)
         snippet = snippet.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        # A cache in front, to see that a truncated response is never taken for a whole one.
+        snippet = snippet.replace("location / {", "location / {\n        proxy_cache test;\n"
+                                  "        proxy_cache_valid 200 1m;\n"
+                                  "        add_header X-Cache $upstream_cache_status;")
         config = os.path.join(prefix, "nginx.conf")
         with open(config, "w") as f:
             f.write(f"""
@@ -1888,6 +1897,7 @@ error_log {prefix}/error.log;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    proxy_cache_path {prefix}/cache keys_zone=test:1m;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -1931,6 +1941,28 @@ http {{
         status, _, body = self.fetch("GET", f"/big?{size}")
         self.assertEqual((status, len(body)), (200, size))
         self.assertEqual(body[65536 * 7:65536 * 7 + 3], bytes([7]) * 3)
+
+    def test_nginx_keeps_its_connections_to_the_socket(self):
+        for _ in range(50):
+            self.assertEqual(self.fetch("GET", "/count-connections")[0], 200)
+        # One connection per request without keep-alive; here nginx reuses a few.
+        self.assertLessEqual(int(self.fetch("GET", "/count-connections")[2]), 4)
+
+    def test_a_truncated_response_is_neither_completed_nor_cached(self):
+        for _ in range(2):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
+            conn.request("GET", "/stream-error?100000")
+            response = conn.getresponse()
+            self.assertEqual(response.getheader("X-Cache"), "MISS")  # never a HIT
+            with self.assertRaises(http.client.IncompleteRead):
+                response.read()
+            conn.close()
+        with open(self.error_log) as f:
+            self.assertIn("upstream prematurely closed", f.read())
+        # The same response, whole, is cached: the cache works, it just never had the other.
+        self.assertEqual(self.fetch("GET", "/stream?100000")[1].getheader("X-Cache"), "MISS")
+        status, response, body = self.fetch("GET", "/stream?100000")
+        self.assertEqual((status, response.getheader("X-Cache"), len(body)), (200, "HIT", 100000))
 
     def test_the_client_address_and_scheme_come_from_nginx(self):
         environ = json.loads(self.fetch("GET", "/env", headers={"X-Forwarded-For": "6.6.6.6"})[2])
