@@ -475,6 +475,7 @@ _CHUNK_LINE = re.compile(
 _MAX_CHUNK_DIGITS = 15  # 2**60 bytes: any more is no real body
 # Header fields that are one value, never a list: two different values are refused.
 _SINGLETONS = {"host", "content-type", "content-length", "authorization"}
+_FRAMING_FIELDS = _SINGLETONS | {"transfer-encoding", "connection", "expect"}
 
 
 class _Request:
@@ -563,7 +564,9 @@ def _read_framing(request):
     """How the body is framed, and what the connection does after it (RFC 9112 §6, §9)."""
     fields = {}
     for name, value in request.headers:
-        fields.setdefault(name.lower(), []).append(value)
+        name = name.lower()
+        if name in _FRAMING_FIELDS:
+            fields.setdefault(name, []).append(value)
     for name in _SINGLETONS.intersection(fields):
         if len(set(fields[name])) > 1:
             raise _HTTPError(400, f"two different {name} fields")
@@ -898,7 +901,7 @@ class _Connection:
     while it waits in the selector or in the ready queue, the thread that serves its request."""
 
     __slots__ = ("sock", "address", "peer", "reader", "state", "deadline", "progress", "served",
-                 "request", "registered")
+                 "request", "registered", "outcome")
 
     def __init__(self, sock, address, reader, deadline):
         self.sock, self.address, self.reader = sock, address, reader
@@ -909,6 +912,7 @@ class _Connection:
         self.served = 0  # requests answered on it
         self.request = None  # the complete request, from ready to answered
         self.registered = False  # in the selector
+        self.outcome = None  # how its response ended, for the leader to act on
 
 
 # A connection's states.  In the selector: _HEAD (awaiting a request head, or the rest of one),
@@ -1020,8 +1024,10 @@ class _Engine:
                    |        |                  |  \\-> closed              (close, or abort)
                    +--------+-> linger -> closed  (we answered an error; 408 past a deadline)
 
-    Invariants: a connection is in the selector exactly while it is head, body, idle or linger,
-    and only the leader touches the selector; ``open`` counts every connection from accept()
+    Invariants: a connection is in the selector while it is head, body, idle or linger, and
+    may stay there while ready or serving (a keep-alive request costs no unregister and
+    register); only the leader touches the selector, so a thread that lost the lead hands such
+    a connection back to the leader to finish with; ``open`` counts every connection from accept()
     to close and never exceeds ``max_connections`` (when full, the one that has waited longest
     in the selector gives way, idle ones first); an app runs only in one of the threads.
     """
@@ -1084,31 +1090,40 @@ class _Engine:
             still_leading = self.lead.end_app(me)
         request, conn.request = conn.request, None
         request.body.close()
+        if still_leading or not conn.registered:
+            self._after_response(conn, outcome, still_leading)
+        else:  # it is in the selector, which is the new leader's now
+            conn.outcome = outcome
+            self.lead.hand_back(conn, ready=False)
+            self.wake()
+
+    def _after_response(self, conn, outcome, leading):
+        """Close the connection, or let it linger, or read its next request (the leader)."""
         if outcome == "abort":
             self._close(conn, reset=True)
-        elif outcome == "close" or self.stopping:
-            if conn.reader.buffer:  # pipelined bytes we will not read: linger, or they reset
-                conn.state = _LINGER
-                self._give_back(conn, still_leading)
-            else:
+            return
+        if outcome == "close" or self.stopping:
+            if not conn.reader.buffer:
                 self._close(conn)
+                return
+            conn.state = _LINGER  # pipelined bytes we will not read: linger, or they reset
         else:
             conn.served += 1
             conn.state = _HEAD if conn.reader.buffer else _IDLE
             conn.deadline = time.monotonic() + (self.server.timeout if conn.reader.buffer
                                                 else self.server.keep_alive)
-            self._give_back(conn, still_leading)
-
-    def _give_back(self, conn, still_leading):
-        if still_leading:
+        if leading:
             self._rejoin(conn)
         else:
             self.lead.hand_back(conn, ready=False)
             self.wake()
 
     def _rejoin(self, conn):
-        """A connection whose request was answered goes on: linger, or read its next request."""
-        if conn.state == _LINGER:
+        """A connection handed back to the leader goes on: close, linger or read."""
+        if conn.outcome is not None:
+            outcome, conn.outcome = conn.outcome, None
+            self._after_response(conn, outcome, True)
+        elif conn.state == _LINGER:
             self._linger(conn)
         else:
             self._advance(conn)
@@ -1209,7 +1224,7 @@ class _Engine:
         that slots held by idle or unfinished connections never lock a new client out."""
         victim = next((conn for conn in self.waiting if conn.state in (_IDLE, _LINGER)), None)
         if victim is None:
-            victim = next(iter(self.waiting), None)
+            victim = next((conn for conn in self.waiting if conn.state in (_HEAD, _BODY)), None)
             if victim is None:
                 return False
             self.server.log_line("every connection slot is taken: closing the connection that "
@@ -1218,6 +1233,9 @@ class _Engine:
         return True
 
     def _on_readable(self, conn):
+        if conn.state in (_READY, _SERVING):
+            self._unpark(conn)  # more is coming (pipelined): read it after the response
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
         except BlockingIOError:
@@ -1259,7 +1277,8 @@ class _Engine:
                         except OSError:
                             pass  # full or gone: the body read will tell
                     continue
-                self._unpark(conn)
+                # It may stay in the selector meanwhile: a keep-alive connection then costs
+                # no unregister and register per request.  (See _on_readable.)
                 conn.state, conn.request = _READY, request
                 self.lead.hand_back(conn, ready=True)
                 return
@@ -1292,8 +1311,8 @@ class _Engine:
         self._park(conn)
 
     def _expire(self, now):
-        for conn in [conn for conn in self.waiting
-                     if (conn.progress.due if conn.state == _BODY else conn.deadline) <= now]:
+        for conn in [conn for conn in self.waiting if conn.state not in (_READY, _SERVING) and
+                     (conn.progress.due if conn.state == _BODY else conn.deadline) <= now]:
             if conn.state in (_IDLE, _LINGER) or (conn.state == _HEAD and not conn.reader.buffer
                                                   and (conn.served or self.stopping)):
                 self._close(conn)  # nothing was asked of us
@@ -1679,6 +1698,8 @@ class _SocketWriter:
 _STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f]*\Z")
 _HEADER_NAME = re.compile(_TOKEN.pattern.decode())  # the request's token rule, for str
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+               "trailers", "transfer-encoding", "upgrade"}  # wsgiref.util.is_hop_by_hop's
 
 
 class ServerHandler(simple_server.ServerHandler):
@@ -1736,19 +1757,31 @@ class ServerHandler(simple_server.ServerHandler):
         self.environ["wsgi.input_terminated"] = True  # wsgi.input ends where the body ends
 
     def start_response(self, status, headers, exc_info=None):
-        # wsgiref checks with assert (gone under -O) and lets CR/LF through: refuse anything
-        # that could split the response or break its framing, whatever the interpreter's flags.
+        # BaseHandler.start_response, with its assert checks (gone under -O, and they let CR/LF
+        # through) replaced: refuse anything that could split the response or break its
+        # framing, whatever the interpreter's flags.
+        if exc_info:
+            try:
+                if self._started:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # no reference cycle
+            self._held = None  # the body held back belonged to the response it replaces
+        elif self.headers is not None:
+            raise AssertionError("start_response() called twice without exc_info")
         if not (type(status) is str and _STATUS.match(status)):
             raise ValueError(f"malformed status {status!r}")
         for name, value in headers:
             if not (type(name) is str and type(value) is str and _HEADER_NAME.match(name)
                     and not _HEADER_VALUE_BAD.search(value)):
                 raise ValueError(f"malformed response header {name!r}: {value!r}")
-            if wsgiref_util.is_hop_by_hop(name):
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
                 raise ValueError(f"hop-by-hop header {name!r}: the server frames the response")
-            if name.lower() == "content-length" and not (value.isascii() and value.isdigit()):
+            if lower == "content-length" and not (value.isascii() and value.isdigit()):
                 raise ValueError(f"malformed Content-Length {value!r}")
-        return super().start_response(status, headers, exc_info)
+        self.status, self.headers = status, self.headers_class(headers)
+        return self.write
 
     def handle_error(self):
         """Answer 500 if nothing went out yet; else abort the connection (and log it)."""
