@@ -1204,6 +1204,8 @@ class _Engine:
                 self._close(conn)
                 continue
             self._on_readable(conn)  # a Unix client's request is usually there already
+            if conn.state == _READY:
+                return  # serve it now; the selector says when more connections wait
 
     def _pause_accepting(self, until):
         if self.accepting:
