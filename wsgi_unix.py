@@ -712,6 +712,8 @@ class _RequestReader:
 
     def _read_head(self):
         buffer = self.buffer
+        if not buffer:
+            return None
         if buffer[:1] in (b"\r", b"\n"):
             empty = _EMPTY_LINES.match(buffer)  # RFC 9112 §2.2: ignored before a request line
             if empty:
@@ -1732,6 +1734,7 @@ class ServerHandler(simple_server.ServerHandler):
     _chunked = _no_body = False
     _length = None  # the Content-Length the body must match
     _body_sent = 0
+    _names = frozenset()  # the response header names, lower case (see cleanup_headers)
 
     def run(self, application):
         # BaseHandler.run, copied to log a client that went away (wsgiref says nothing).
@@ -1814,27 +1817,39 @@ class ServerHandler(simple_server.ServerHandler):
         self._write(data)
 
     def _holding(self):
-        if self._held is None and self.http_version == "1.0" and "Content-Length" not in self.headers:
-            self._held = [] if (self.result is None or not isinstance(self.result, (list, tuple))) else None
+        """Whether the first blocks are held back to be counted: a response to HTTP/1.0 with no
+        Content-Length, from an iterable of unknown length (or from write())."""
+        if (self._held is None and self.http_version == "1.0"
+                and not isinstance(self.result, (list, tuple))
+                and "Content-Length" not in self.headers):
+            self._held = []
         return self._held is not None
+
+    def cleanup_headers(self):
+        # BaseHandler.cleanup_headers, with the header names lowered once (each lookup in a
+        # wsgiref Headers object lowers every name again).
+        self._names = {name.lower() for name, _ in self.headers.items()}
+        if "content-length" not in self._names:
+            self.set_content_length()
 
     def set_content_length(self):
         # wsgiref counts a one-block list; any list of bytes can be counted before it is sent.
         result = self.result
         if isinstance(result, (list, tuple)) and all(type(block) is bytes for block in result):
             self.headers["Content-Length"] = str(sum(map(len, result)))
+            self._names.add("content-length")
 
     def send_headers(self):
         # BaseHandler.send_headers and send_preamble, joined into one buffer, with our framing.
         self.cleanup_headers()
         self.headers_sent = self._started = True
-        code, headers = int(self.status[:3]), self.headers
+        code, headers, names = int(self.status[:3]), self.headers, self._names
         self._no_body = self.environ["REQUEST_METHOD"] == "HEAD" or code < 200 or code in (204, 304)
-        if code < 200 or code == 204:
+        if "content-length" in names and (code < 200 or code == 204):
             del headers["Content-Length"]
-        length = headers.get("Content-Length")
-        if length is not None:
-            self._length = int(length)
+            names.discard("content-length")
+        if "content-length" in names:
+            self._length = int(headers["Content-Length"])
         elif not self._no_body:
             if self.http_version == "1.1":
                 headers["Transfer-Encoding"] = "chunked"
@@ -1848,9 +1863,9 @@ class ServerHandler(simple_server.ServerHandler):
         elif self.http_version == "1.0":
             headers["Connection"] = "keep-alive"
         lines = [f"HTTP/{self.http_version} {self.status}\r\n"]
-        if "Date" not in headers:
+        if "date" not in names:
             lines.append(f"Date: {_http_date()}\r\n")
-        if "Server" not in headers:
+        if "server" not in names:
             lines.append(f"Server: {self.server_software}\r\n")
         self._head = "".join(lines).encode("latin-1") + bytes(headers)
 
