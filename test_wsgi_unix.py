@@ -2585,6 +2585,27 @@ class KeepAliveTests(ServerTestCase):
             self.assertEqual((status, headers["connection"], body), (200, "close", b"hello\n"))
             self.assertTrue(responses.closed())
 
+    def test_over_tcp_too(self):
+        server = self.start_app("127.0.0.1:0")
+        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
+        with connect(target) as sock:
+            responses = Responses(sock)
+            for url in ("/", "/stream?100000", "/env"):
+                sock.sendall(request_bytes(url, close=False))
+                self.assertEqual(responses.next()[1], 200, url)
+
+    def test_readline_of_a_long_body_line_is_one_pass(self):
+        # wsgi.input is io's BytesIO or a temporary file: readline() is C, not a loop in Python
+        # that copies what it has read each time (quadratic on one long line).
+        for size in (1000, 3 * wsgi_unix.BODY_IN_MEMORY // 100 * 100):
+            sink = wsgi_unix._BodySink()
+            for _ in range(size // 100):
+                sink.write(b"x" * 100)
+            body = sink.finish()
+            self.assertIsInstance(body, (io.BytesIO, io.BufferedRandom))
+            self.assertEqual((len(body.readline()), body.read()), (size, b""))
+            body.close()
+
     def test_http_clients_reuse_one_connection(self):
         self.start_app()
         conn = unix_connection(self.sock)
