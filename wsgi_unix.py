@@ -121,6 +121,9 @@ FIRST_BUFFER = 64 * 1024
 LINGER_SECONDS = 5.0
 # How long one request may keep the leader thread before a follower takes over the selector.
 PROMOTE_AFTER = 0.01
+# After an accept() that found a connection, how many more the leader may try before it looks
+# at the selector again (a select() per connection cost 25 % of the close c=16 rate).
+ACCEPTS_IN_A_ROW = 16
 # How long a stopping server waits for connections it accepted to send their request.
 STOP_LINGER = 1.0
 
@@ -476,6 +479,9 @@ _MAX_CHUNK_DIGITS = 15  # 2**60 bytes: any more is no real body
 # Header fields that are one value, never a list: two different values are refused.
 _SINGLETONS = {"host", "content-type", "content-length", "authorization"}
 _FRAMING_FIELDS = _SINGLETONS | {"transfer-encoding", "connection", "expect"}
+# Fields that frame or route a message: a trailer with one is refused (we drop trailers, but
+# a proxy in front might not).
+_NOT_TRAILERS = {"content-length", "transfer-encoding", "host"}
 
 
 class _Request:
@@ -524,9 +530,11 @@ def _parse_head(head):
     if not _TOKEN.match(method) or not target or _BAD_TARGET.search(target):
         raise _HTTPError(400, "malformed request line")
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
-        if _VERSION.match(version):
+        if not _VERSION.match(version):
+            raise _HTTPError(400, "malformed request line")
+        if not version.startswith(b"HTTP/1."):
             raise _HTTPError(505, "HTTP version not supported")
-        raise _HTTPError(400, "malformed request line")
+        version = b"HTTP/1.1"  # a later 1.x minor is understood as 1.1 (RFC 9110 §2.5)
     if len(lines) - 1 > MAX_HEADERS:
         raise _HTTPError(431, "too many header lines")
     headers = []
@@ -680,7 +688,9 @@ class _ChunkedDecoder:
                     self._trailers += 1
                     if self._trailers > MAX_HEADERS:
                         raise _HTTPError(431, "too many trailer lines")
-                    _header_field(bytes(line))
+                    name = _header_field(bytes(line))[0].lower()
+                    if name in _NOT_TRAILERS:  # RFC 9110 §6.5.1: never in a trailer
+                        raise _HTTPError(400, f"{name} in a trailer")
             pos = newline + 1
         return pieces, pos
 
@@ -826,6 +836,9 @@ class _Progress:
         if left <= 0 or not poller.poll(left * 1000):
             raise ConnectionAbortedError("the client stopped reading")
 
+
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
+_PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
 
 # What a send to a client that hung up (or stopped reading) raises.
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -1046,6 +1059,7 @@ class _Engine:
         self.selector.register(self._wake_r, selectors.EVENT_READ)
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.accepting = True  # the listener is in the selector
+        self._accept_next = 0  # accept() calls to make before the next select() (see _lead)
         self._resume_accept_at = None  # after accept() ran out of descriptors
         self.waiting = OrderedDict()  # connections in the selector, longest there first
         self.open = 0  # under lead.lock
@@ -1077,6 +1091,13 @@ class _Engine:
                 self._rejoin(back)
             if conn is not None:
                 self._serve(conn, me)
+            elif self._accept_next and self.accepting and not self.stopping:
+                # The last accept() found connections: look for more straight away, as a
+                # blocking accept() would, rather than in a select() (a client that reconnects
+                # at once is served without our thread going to sleep).  Only so many times in
+                # a row, so that the connections in the selector get their turn.
+                self._accept_next -= 1
+                self._accept()
             else:
                 self._poll()
 
@@ -1175,22 +1196,24 @@ class _Engine:
             del self.waiting[conn]
 
     def _accept(self):
+        """Accept what the backlog holds (64 at most), reading what came with each."""
         server = self.server
+        accepted = 0
         for _ in range(64):  # then let the connections already here have their turn
             if self.open >= server.max_connections and not self._evict_one():
                 self._pause_accepting(None)  # until a slot is free
-                return
+                break
             try:
                 sock, address = self.listener.accept()
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: the connection stays in the backlog, and
                     # retrying at once would spin a core; wait for others to close.
                     server.log_line(f"accept() failed: {exc.strerror}; retrying", once=True)
                     self._pause_accepting(time.monotonic() + 0.1)
-                    return
+                    break
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # that client gave up (or a firewall said no): the next one
                 raise
@@ -1205,9 +1228,15 @@ class _Engine:
             if not server.verify_request(sock, address):
                 self._close(conn)
                 continue
+            accepted += 1
             self._on_readable(conn)  # a Unix client's request is usually there already
-            if conn.state == _READY:
-                return  # serve it now; the selector says when more connections wait
+            if conn.state == _READY and not self._accept_next:
+                # The first after a select(): serve it before another accept(), which would
+                # find nothing when clients come one at a time, and cost this one latency.
+                break
+        # After that, accept in batches: measured with 16 clients that reconnect at once,
+        # accepting all that wait, then serving them: 21k req/s; accept-serve-accept: 15k.
+        self._accept_next = (self._accept_next or ACCEPTS_IN_A_ROW) if accepted else 0
 
     def _pause_accepting(self, until):
         if self.accepting:
@@ -1404,10 +1433,10 @@ class _Engine:
 
 # --- §6 wsgiref glue ----------------------------------------------------------------------
 
-# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
-_PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
+# Control characters, and what str.splitlines() also takes for a line end (U+2028, U+2029),
+# are escaped in the log: a request or a command's stderr cannot forge a log line.
 _LOG_ESCAPES = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
-_LOG_ESCAPES[ord("\\")] = "\\\\"
+_LOG_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"})
 
 
 class WSGIServer(simple_server.WSGIServer):
@@ -1699,7 +1728,7 @@ class _SocketWriter:
         pass
 
 
-_STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f]*\Z")
+_STATUS = re.compile(r"[1-9]\d\d [^\x00-\x1f\x7f\u0100-\U0010ffff]*\Z")  # latin-1 text
 _HEADER_NAME = re.compile(_TOKEN.pattern.decode())  # the request's token rule, for str
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
