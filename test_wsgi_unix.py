@@ -105,6 +105,9 @@ def app(environ, start_response):
     if path == "/bad-status":
         start_response("OK", [])
         return [b""]
+    if path == "/wide-status":
+        start_response("200 \u0100K", [])
+        return [b""]
     if path == "/bad-header":
         start_response("200 OK", [("X-A", "1\r\nSet-Cookie: evil=1")])
         return [b""]
@@ -1342,7 +1345,7 @@ class ApplicationFaultTests(ServerTestCase):
 
     def test_malformed_app_results_give_500(self):
         server = self.start_app()
-        for path in ("/not-iterable", "/bad-status", "/bad-header"):
+        for path in ("/not-iterable", "/bad-status", "/bad-header", "/wide-status"):
             answer = raw_request(self.sock, request_bytes(path))
             self.assertEqual(status_of(answer), 500, path)
             self.assertNotIn(b"Set-Cookie", answer)
@@ -1691,6 +1694,13 @@ class CommandAppTests(ServerTestCase):
         self.assertEqual(server.wait_line("first problem"), "wsgi_unix: GET /job: first problem")
         self.assertEqual(server.wait_line("second"), "wsgi_unix: GET /job: second\\x1b[31m")
 
+    def test_unicode_line_separators_in_stderr_are_escaped_in_the_log(self):
+        # A log reader that splits on U+2028/U+2029 (str.splitlines does) could be fooled.
+        server = self.serve_command("sh", "-c", "printf 'real\\342\\200\\250forged\\342\\200\\251"
+                                    "line' >&2; exit 1")
+        self.assertEqual(get(self.sock, "/job")[0], 500)
+        self.assertEqual(server.wait_line("real"), "wsgi_unix: GET /job: real\\u2028forged\\u2029line")
+
     def test_cgi_mode_takes_status_and_headers_from_the_output(self):
         self.serve_command("printf", "Status: 404 Not Found\r\nContent-Type: text/html\r\n"
                            "X-Script: yes\r\n\r\n<p>nope</p>", options=["--cgi"])
@@ -1883,7 +1893,8 @@ class NginxTests(ServerTestCase):
         snippet = snippet.replace("/run/app/app.sock", self.sock)
         snippet = snippet.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
         # A cache in front, to see that a truncated response is never taken for a whole one.
-        snippet = snippet.replace("location / {", "location / {\n        proxy_cache test;\n"
+        snippet = snippet.replace("location / {", "location /admin { return 403; }\n"
+                                  "    location / {\n        proxy_cache test;\n"
                                   "        proxy_cache_valid 200 1m;\n"
                                   "        add_header X-Cache $upstream_cache_status;")
         config = os.path.join(prefix, "nginx.conf")
@@ -1963,6 +1974,17 @@ http {{
         self.assertEqual(self.fetch("GET", "/stream?100000")[1].getheader("X-Cache"), "MISS")
         status, response, body = self.fetch("GET", "/stream?100000")
         self.assertEqual((status, response.getheader("X-Cache"), len(body)), (200, "HIT", 100000))
+
+    def test_a_fragment_cannot_sneak_past_an_nginx_location_rule(self):
+        # nginx routes on the path before "#", and passes the raw target on: /public#/../admin
+        # would reach the app, whose PATH_INFO normalises to /admin.  We refuse it.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as sock:
+            sock.sendall(b"GET /public#/../admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            answer = Responses(sock).rest()
+        self.assertEqual(status_of(answer), 400)
+        self.assertEqual(self.fetch("GET", "/admin/x")[0], 403)  # the rule nginx enforces
+        self.assertNotIn('"GET /public#/../admin HTTP/1.1" 200', self.server.log())
+        self.server.wait_line('"GET /public#/../admin HTTP/1.1" 400')
 
     def test_the_client_address_and_scheme_come_from_nginx(self):
         environ = json.loads(self.fetch("GET", "/env", headers={"X-Forwarded-For": "6.6.6.6"})[2])
@@ -2267,6 +2289,8 @@ class RequestReaderTests(unittest.TestCase):
         (CHUNKED.replace(b": chunked", b": , chunked") + b"0\r\n\r\n",
          [("POST", "/up", "", "HTTP/1.1", True, b"")]),  # RFC 9110 §5.6.1: empty elements
         (CHUNKED + b"3\nabc\n0\n\n", [("POST", "/up", "", "HTTP/1.1", True, b"abc")]),
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+         [("GET", "/", "", "HTTP/1.1", True, b"")]),  # a later 1.x is 1.1 (RFC 9110 §2.5)
         (get11(b"/1") + b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok" + get11(b"/3"),
          [("GET", "/1", "", "HTTP/1.1", True, b""), ("POST", "/2", "", "HTTP/1.1", True, b"ok"),
           ("GET", "/3", "", "HTTP/1.1", True, b"")]),  # pipelined
@@ -2324,6 +2348,14 @@ class RequestReaderTests(unittest.TestCase):
         (CHUNKED + b"5" * 70000, 400),  # a chunk line that never ends
         (CHUNKED + b"0\r\nX\x01Y: z\r\n\r\n", 400),  # trailers follow header rules
         (CHUNKED + b"0\r\n" + b"T: 1\r\n" * 101 + b"\r\n", 431),
+        (CHUNKED + b"5\r\nhello\r\n0\r\nContent-Length: 99\r\n\r\n", 400),  # RFC 9110 §6.5.1
+        (CHUNKED + b"5\r\nhello\r\n0\r\nHost: evil.example\r\n\r\n", 400),
+        (CHUNKED + b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400),
+        (b"M-SEARCH * HTTP/1.1\r\nHost: a\r\n\r\n", 400),  # * is for OPTIONS only
+        (b"GET http://user:pass@a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),  # no userinfo
+        (b"OPTIONS / RTSP/1.0\r\nHost: a\r\n\r\n", 400),
     ]
 
     def test_valid_requests_whole_byte_by_byte_and_pipelined(self):
