@@ -528,6 +528,10 @@ class CommandLineAddressTests(ServerTestCase):
         self.assertEqual(environ["SERVER_PORT"], str(port))
 
     @unittest.skipUnless(socket.has_ipv6, "no IPv6 here")
+    def test_short_forms_of_every_interface_are_refused(self):
+        for address in ("0:0", "0.0:0", "0x0:0"):
+            self.assertOneLineError([address], 2, "means every interface")
+
     def test_serves_on_ipv6(self):
         server = self.start_app("[::1]:0")
         line = server.wait_ready()
@@ -646,6 +650,68 @@ class SocketFileTests(ServerTestCase):
             self.assertIsNone(survivor.proc.poll())
             survivor.signal(signal.SIGTERM)
             self.assertEqual(survivor.wait(), 0)
+
+    def hold_directory_lock_as_nobody(self):
+        """A process of user nobody holding the flock on the socket's directory (anyone who may
+        read the directory can): return it once it holds the lock."""
+        script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                  "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+        holder = subprocess.Popen([python_for_nobody(), "-c", script, self.dir],
+                                  preexec_fn=as_nobody, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        return holder
+
+    def test_another_user_holding_the_directory_lock_cannot_freeze_start_up(self):
+        holder = self.hold_directory_lock_as_nobody()
+        code, lines = self.run_cli("--app", "testapp:app", self.sock, timeout=3 * DEADLINE)
+        self.assertEqual(code, 1, lines)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn(f"waiting for the lock on {self.dir}, held by pid {holder.pid} (nobody)",
+                      lines[0])
+        self.assertIn(f"held by pid {holder.pid} (nobody) for 5 s", lines[1])
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_another_user_holding_the_directory_lock_cannot_freeze_shutdown(self):
+        server = self.start_app()
+        holder = self.hold_directory_lock_as_nobody()
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        server.wait_line(f"left the socket file: the lock on its directory is held by pid "
+                         f"{holder.pid} (nobody)")
+        holder.kill()
+        holder.wait()
+        self.start_app()  # the file left behind is stale: the next start replaces it
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_make_server_leaves_the_process_umask_alone(self):
+        # The umask is process-wide: changed around bind(), it gave other threads' files the
+        # socket's mode (446 of 986 came out 0666 when it was).
+        made, stop = [], threading.Event()
+
+        def create_files():
+            while not stop.is_set():
+                path = os.path.join(self.dir, f"file-{len(made)}")
+                with open(path, "w"):
+                    pass
+                made.append(path)
+        old_umask = os.umask(0o022)
+        thread = threading.Thread(target=create_files)
+        thread.start()
+        try:
+            for _ in range(50):
+                with wsgi_unix.make_server(self.sock, None, mode=0o666) as server:
+                    self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o666)
+                    self.assertIsNotNone(server.socket)
+        finally:
+            stop.set()
+            thread.join()
+            os.umask(old_umask)
+        modes = {stat.S_IMODE(os.stat(path).st_mode) for path in made}
+        self.assertEqual(modes, {0o644}, f"{len(made)} files")
+        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(".wsgi_unix")],
+                         [])  # no private directory left behind
 
     def test_default_mode_is_600(self):
         self.start_app()
@@ -932,6 +998,44 @@ class ShutdownTests(ServerTestCase):
         self.assertEqual(server.wait(), 0)
         self.assertFalse(os.path.lexists(self.sock))
         stuck.close()
+
+    def test_sighup_and_sigquit_stop_gracefully_and_remove_the_socket_file(self):
+        for signum in (signal.SIGHUP, signal.SIGQUIT):
+            server = self.start_app()
+            slow = unix_connection(self.sock)
+            slow.request("GET", "/slow?0.3")
+            server.wait_line("app: /slow started")
+            server.signal(signum)
+            response = slow.getresponse()
+            self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
+            self.assertEqual(server.wait(), 0, signum)
+            self.assertFalse(os.path.lexists(self.sock), signum)
+
+    def test_sigusr1_and_sigusr2_are_ignored_with_a_line(self):
+        server = self.start_app()
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            server.signal(signum)
+            server.wait_line(f"{signal.Signals(signum).name} means nothing here")
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_a_second_sigterm_stops_at_once_with_status_1(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server = self.start_app("--graceful-timeout", "30", self.sock)
+            stuck = unix_connection(self.sock)
+            stuck.request("GET", "/forever")
+            server.wait_line("app: /forever started")
+            server.signal(signum)
+            wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
+            started = time.monotonic()
+            server.signal(signum)
+            self.assertEqual(server.wait(), 1)
+            self.assertLess(time.monotonic() - started, 5.0)  # not the 30 s grace
+            self.assertIn("stopped at once by a second signal", server.log())
+            self.assertNotIn("Traceback", server.log())
+            stuck.close()
 
     def test_readiness_line_names_the_resolved_address(self):
         os.symlink(self.dir, os.path.join(self.dir, "here"))
@@ -1532,6 +1636,16 @@ class PeerCredentialTests(ServerTestCase):
                                 preexec_fn=as_nobody, capture_output=True, text=True)
         self.assertEqual(result.stdout.strip(), "200")
 
+    def test_a_disallowed_user_is_refused_at_once_and_holds_no_slot(self):
+        # Refused when it connects, before it says anything: it holds no slot while silent.
+        self.start_app("--mode", "666", "--allow-uid", "nobody", "--max-connections", "5",
+                       self.sock)
+        silent = [connect(self.sock) for _ in range(20)]
+        for sock in silent:
+            answer = Responses(sock).rest()
+            self.assertEqual(status_of(answer), 403)
+            sock.close()
+
     def test_allow_uid_on_tcp_is_a_start_up_error(self):
         self.assertOneLineError(["--allow-uid", "0", "127.0.0.1:0"], 1, "Unix socket")
 
@@ -1812,6 +1926,49 @@ class CommandAppTests(ServerTestCase):
         wait_for(lambda: not process_alive(pid), "the command to be killed")
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be reaped")
         self.assertNotIn("Traceback", server.log())
+
+    def test_a_setsid_daemon_of_a_command_is_killed_at_the_timeout(self):
+        pidfile = os.path.join(self.dir, "pid")
+        self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300",
+                           options=["--command-timeout", "1"])
+        self.assertEqual(get(self.sock)[0], 504)
+        daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
+        wait_for(lambda: not os.path.exists(f"/proc/{daemon}"), "the setsid daemon to be killed")
+
+    def test_a_setsid_daemon_of_a_running_command_dies_with_the_server(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {pidfile}; "
+                                    f"exec sleep 300", options=["--graceful-timeout", "1"])
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        wait_for(lambda: not process_alive(daemon), "the setsid daemon to be killed")
+        client.close()
+
+    def test_a_command_that_exits_is_answered_though_a_child_holds_its_output(self):
+        pidfile = os.path.join(self.dir, "pid")
+        self.serve_command("sh", "-c", f"echo hello; sleep 300 & echo $! > {pidfile}",
+                           options=["--command-timeout", "20"])
+        started = time.monotonic()
+        self.assertEqual(get(self.sock)[0::2], (200, b"hello\n"))  # not 504 after 20 s
+        self.assertLess(time.monotonic() - started, 5.0)
+        child = read_pid(pidfile)
+        wait_for(lambda: not process_alive(child), "the background child to be killed")
+
+    def test_a_client_that_leaves_after_sending_more_gets_its_command_killed(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
+        client = connect(self.sock)
+        client.sendall(request_bytes("/", close=False))
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        client.sendall(b"\r\n")  # stray bytes after the request: not a sign of life for ever
+        client.close()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be killed")
+        wait_for(lambda: "client went away" in server.log(), "the log line")
+        self.assertEqual(server.log().count("client went away"), 1, server.log())
+        self.assertNotIn('" 500', server.log())  # no answer written to a closed socket
 
     def test_no_command_outlives_the_server(self):
         pidfile = os.path.join(self.dir, "pid")

@@ -10,8 +10,9 @@ Copy this one file next to your app, in a bare container behind nginx, and run::
 
 It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref falls short:
 
-- any address: a Unix socket file, a Linux abstract socket, TCP over IPv4 or IPv6, or a socket
-  inherited from systemd;
+- any address: a Unix socket file, a Linux abstract socket, TCP over IPv4 or IPv6 (a host
+  name is resolved once, at start-up, through the system resolver; a numeric address never
+  is), or a socket inherited from systemd;
 - the socket file done right: a stale one is removed, a live one or anything that is not a socket
   is never touched, its mode and group are in force before anyone can connect, and only the file
   this process created is removed at exit;
@@ -124,6 +125,10 @@ PROMOTE_AFTER = 0.01
 # After an accept() that found a connection, how many more the leader may try before it looks
 # at the selector again (a select() per connection cost 25 % of the close c=16 rate).
 ACCEPTS_IN_A_ROW = 16
+# How long to wait for the socket directory's lock (held for a moment by another starter;
+# for longer, by someone who may read the directory), at start-up and at exit.
+LOCK_WAIT = 5.0
+STOP_LOCK_WAIT = 2.0
 # How long a stopping server waits for connections it accepted to send their request.
 STOP_LINGER = 1.0
 
@@ -252,6 +257,10 @@ class ListenAddress:
         except (socket.gaierror, UnicodeError) as exc:
             raise AddressError(f"{self}: cannot resolve {self.host!r}: {exc}") from None
         family, _, _, _, sockaddr = infos[0]
+        if sockaddr[0] in ("0.0.0.0", "::") and self.host not in ("0.0.0.0", "::"):
+            # "0", "0.0", "0x0" all mean every interface, as ":8000" would: say it in full.
+            raise AddressError(f"{self}: {self.host!r} means every interface; to listen on all "
+                               f"of them say 0.0.0.0:{self.port} or [::]:{self.port}")
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             # Without it a restart fails for a minute while old connections sit in TIME_WAIT.
@@ -283,14 +292,16 @@ class ListenAddress:
 
     # --- The socket file -------------------------------------------------------------------
 
-    def _lock_directory(self):
+    def _lock_directory(self, wait=LOCK_WAIT):
         """Open and flock the socket's directory; return the descriptor (close it to unlock).
 
         Probing, removing and binding a socket file are three steps, and between another
         starter's bind() and its listen() our probe would see ECONNREFUSED -- "stale" -- and
         remove a live socket.  An exclusive flock on the directory makes the three steps one
         for every wsgi_unix process; it is taken on the directory because the file itself is
-        what comes and goes, and it is released on close, also when the process dies.
+        what comes and goes, and it is released on close, also when the process dies.  Anyone
+        who may read the directory can hold that lock too, so we wait ``wait`` seconds at most,
+        saying so, then raise ServeError naming the holder.
         """
         directory = os.path.dirname(self.path)
         try:
@@ -301,8 +312,22 @@ class ListenAddress:
             raise ServeError(f"{self}: no permission to open directory {directory}") from None
         except NotADirectoryError:
             raise ServeError(f"{self}: {directory} is not a directory") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            holder = _lock_holder(fd)
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise ServeError(f"{self}: the lock on {directory} has been held by {holder} for "
+                                 f"{wait:g} s; stop it, or use a directory only this user can read")
+            if not said:
+                sys.stderr.write(f"{PROG}: waiting for the lock on {directory}, held by {holder}\n")
+                said = True
+            time.sleep(0.05)
 
     def _listen_unix_file(self, sock, mode, group, backlog):
         size = len(os.fsencode(self.path))
@@ -311,34 +336,65 @@ class ListenAddress:
                              f"a Unix socket allows; use a shorter path")
         gid = _group_id(group)
         lock = self._lock_directory()
+        private = None
         try:
             self._remove_stale_socket()
-            # bind() creates the file with mode 0777 & ~umask, so the umask sets its mode from
-            # its first instant; the group is set before listen(), so the only instant with the
-            # process's own group is one in which nobody can connect yet.  (umask is process-wide,
-            # but for that instant it is only ever tighter.)
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                self._bind(sock, self.path)
-            finally:
-                os.umask(old_umask)
-            info = os.lstat(self.path)
-            self._identity = (info.st_dev, info.st_ino)
+            # The socket is made in a private directory beside its path (mode 0700: no one else
+            # can reach it), given its mode and group, set listening, then linked into place:
+            # from its first instant at the path it is final.  The process umask, which other
+            # threads' files depend on, is never touched; and link(), unlike rename(), fails
+            # if something appeared at the path meanwhile instead of replacing it.
+            private = self._private_directory()
+            temp = os.path.join(private, "s")
+            short = temp if len(os.fsencode(temp)) <= _MAX_UNIX_PATH else (
+                f"/proc/self/fd/{lock}/{os.path.basename(private)}/s")  # the same, shorter
+            self._bind(sock, short)
+            os.chmod(temp, mode)
             if gid is not None:
                 try:
-                    os.chown(self.path, -1, gid, follow_symlinks=False)
+                    os.chown(temp, -1, gid, follow_symlinks=False)
                 except PermissionError:
                     raise ServeError(f"{self}: no permission to give the socket to group {group}; "
                                      f"run as a member of that group, or as root") from None
             sock.listen(backlog)
+            try:
+                os.link(temp, self.path, follow_symlinks=False)
+            except FileExistsError:
+                raise ServeError(f"{self}: something appeared at {self.path} while the socket "
+                                 f"was made; refusing to replace it") from None
+            info = os.lstat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
         except BaseException:
-            self._unlink_own_file()  # if bind() made it
+            self._unlink_own_file()  # if link() made it
             os.close(lock)
             raise
+        finally:
+            if private is not None:
+                for remove, path in ((os.unlink, os.path.join(private, "s")), (os.rmdir, private)):
+                    try:
+                        remove(path)
+                    except FileNotFoundError:
+                        pass
         # Kept open (unlocked) until remove_socket_file(): by then every descriptor may be
         # taken by a client, or the directory may be gone.
         fcntl.flock(lock, fcntl.LOCK_UN)
         self._directory = lock
+
+    def _private_directory(self):
+        directory = os.path.dirname(self.path)
+        while True:
+            private = os.path.join(directory, f".wsgi_unix-{os.urandom(6).hex()}")
+            try:
+                os.mkdir(private, 0o700)
+                return private
+            except FileExistsError:
+                continue
+            except (PermissionError, OSError) as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise ServeError(f"{self}: no permission to create the socket in {directory}; "
+                                     f"run as a user who may write there, or choose another "
+                                     f"directory") from None
+                raise
 
     def _remove_stale_socket(self):
         """Remove a socket file nobody answers on; refuse anything else at the path."""
@@ -388,7 +444,20 @@ class ListenAddress:
         if directory is None:
             return
         try:
-            fcntl.flock(directory, fcntl.LOCK_EX)  # no starter is between probe and bind
+            # No starter may be between probe and bind when we remove the file.  A lock held
+            # for longer than STOP_LOCK_WAIT is no starter's: leave the file (the next start
+            # removes it as stale) rather than wait for ever.
+            deadline = time.monotonic() + STOP_LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        sys.stderr.write(f"{PROG}: {self}: left the socket file: the lock on its "
+                                         f"directory is held by {_lock_holder(directory)}\n")
+                        return
+                    time.sleep(0.05)
             self._unlink_own_file()
         finally:
             os.close(directory)
@@ -403,6 +472,21 @@ class ListenAddress:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass  # its directory may be gone too
+
+
+def _lock_holder(fd):
+    """Who holds a lock on the file open as ``fd``: "pid N (user)", from /proc/locks (Linux)."""
+    info = os.fstat(fd)
+    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            pid = next(line.split()[4] for line in f
+                       if "->" not in line and line.split()[5:6] == [inode])
+        with open(f"/proc/{pid}/status") as f:
+            uid = int(next(line.split()[1] for line in f if line.startswith("Uid:")))
+        return f"pid {pid} ({pwd.getpwuid(uid).pw_name})"
+    except (OSError, StopIteration, KeyError, ValueError, IndexError):
+        return "another process"
 
 
 def _describe(info):
@@ -1228,6 +1312,10 @@ class _Engine:
             if not server.verify_request(sock, address):
                 self._close(conn)
                 continue
+            if server.allow_uids is not None and conn.peer[1] not in server.allow_uids:
+                # Refused now, not after its request: a disallowed user holds no slot.
+                self._refuse_at_once(conn, _HTTPError(403, f"uid {conn.peer[1]} may not connect"))
+                continue
             accepted += 1
             self._on_readable(conn)  # a Unix client's request is usually there already
             if conn.state == _READY and not self._accept_next:
@@ -1301,7 +1389,7 @@ class _Engine:
                     return
                 kind, request = event
                 if conn.state != _BODY:
-                    self.server.check_head(request, conn)  # raises 403, 404
+                    self.server.check_head(request, conn)  # raises 404
                 if kind == "head":
                     conn.state, conn.progress = _BODY, _Progress(self.server.timeout)
                     if request.expect_continue and not conn.reader.buffer:
@@ -1330,6 +1418,21 @@ class _Engine:
             self._close(conn)
             return
         self._linger(conn)
+
+    def _refuse_at_once(self, conn, error):
+        """Answer an error and close, without lingering: read what has come first, so that
+        closing does not reset the connection (a client still sending gets the reset)."""
+        try:
+            while conn.sock.recv(RECV_SIZE):
+                pass
+        except OSError:
+            pass
+        self.server.log_refusal(conn, error)
+        try:
+            conn.sock.send(_error_answer(error.status, str(error)))
+        except OSError:
+            pass
+        self._close(conn)
 
     def _linger(self, conn):
         """Half-close and discard what still arrives, for LINGER_SECONDS at most: a client still
@@ -1409,13 +1512,15 @@ class _Engine:
 
     def wait_closed(self, deadline, tick):
         """Wait until the stop is done and every connection is closed, or until ``deadline``;
-        ``tick()`` runs every PROMOTE_AFTER meanwhile (the watchdog)."""
+        ``tick()`` runs every PROMOTE_AFTER meanwhile (the watchdog), and ends the wait early
+        by returning True."""
         with self.lead.lock:
             while (self.open or not self._stop_done) and time.monotonic() < deadline:
                 self._all_closed.wait(min(PROMOTE_AFTER, max(0.0, deadline - time.monotonic())))
                 self.lead.lock.release()
                 try:
-                    tick()
+                    if tick():
+                        return
                 finally:
                     self.lead.lock.acquire()
 
@@ -1484,7 +1589,7 @@ class WSGIServer(simple_server.WSGIServer):
             setattr(self, name, settings[name])
         self._stop_r, self._stop_w = socket.socketpair()
         self._stop_w.setblocking(False)
-        self._stop_requested = False
+        self._stop_requested = self.stopped_at_once = False
         self._stopped = threading.Event()
         self._engine = None
         self._logged = set()  # messages said once
@@ -1504,8 +1609,12 @@ class WSGIServer(simple_server.WSGIServer):
         self._stop_r.close()
         self._stop_w.close()
 
-    def request_stop(self):
-        """Ask serve_forever() to stop, without waiting.  Safe in a signal handler."""
+    def request_stop(self, at_once=False):
+        """Ask serve_forever() to stop, without waiting.  Safe in a signal handler.
+
+        Gracefully, or ``at_once``: requests in flight are cut (a second Ctrl-C).
+        """
+        self.stopped_at_once = self.stopped_at_once or at_once
         self._stop_requested = True
         try:
             self._stop_w.send(b"!")
@@ -1531,6 +1640,12 @@ class WSGIServer(simple_server.WSGIServer):
         idle ones close, requests in flight get ``graceful_timeout`` seconds.
         """
         self._stopped.clear()
+        # bpo-44434 (CPython 3.8, 3.9.0-3.9.5): the first thread that ends makes CPython load
+        # libgcc_s; with every descriptor taken by clients by then, that load fails and the
+        # process aborts.  A thread that ends now loads it while descriptors are free.
+        first = threading.Thread(target=lambda: None)
+        first.start()
+        first.join()
         engine = self._engine = _Engine(self, poll_interval)
         threads = [threading.Thread(target=engine.run_thread, name=f"{PROG}-{number}", daemon=True)
                    for number in range(self.threads)]
@@ -1560,7 +1675,8 @@ class WSGIServer(simple_server.WSGIServer):
                 self.listen_address.remove_socket_file()
             engine.begin_stop()
             engine.wait_closed(stop_began + self.graceful_timeout,
-                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER))
+                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER)
+                               or self.stopped_at_once)
         finally:
             self._stop_requested = True
             engine.finish(threads, time.monotonic() + 0.1)
@@ -1583,9 +1699,6 @@ class WSGIServer(simple_server.WSGIServer):
 
     def check_head(self, request, connection):
         """Refuse a request from its head alone (before its body is read): raise _HTTPError."""
-        allowed = self.allow_uids
-        if allowed is not None and connection.peer[1] not in allowed:
-            raise _HTTPError(403, f"uid {connection.peer[1]} may not connect")
         prefix = self.script_name
         if prefix and request.path != prefix and not request.path.startswith(prefix + "/"):
             raise _HTTPError(404, f"not under {prefix}")
@@ -1983,17 +2096,26 @@ def serve(app, address, **options):
     Signal handlers are installed only when called from the main thread.
     """
     with make_server(address, app, **options) as server:
-        def stop(*_):
+        def stop(signum, frame):
+            if server.stopping:  # a second one: gunicorn's and uvicorn's users expect this
+                server.request_stop(at_once=True)
+                return
             _notify_systemd("STOPPING=1")
             server.request_stop()
+
+        def ignore(signum, frame):
+            server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM "
+                            f"stops, SIGHUP too)")
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                handlers[signum] = signal.signal(signum, stop)
+            for signum, handler in _SIGNALS:
+                handlers[signum] = signal.signal(signum, stop if handler == "stop" else ignore)
         try:
             if server.listen_address.kind == "abstract":
-                sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket; anyone in this "
-                                 f"network namespace can connect to it\n")
+                sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket: anyone in this "
+                                 f"network namespace can connect to it, and while this server is "
+                                 f"down, bind it and receive its requests; a socket file is "
+                                 f"safer\n")
             elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
                 # connect() needs write permission: "others" may send requests.
                 sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
@@ -2008,6 +2130,20 @@ def serve(app, address, **options):
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+        if server.stopped_at_once:
+            raise ServeError(f"{server}: stopped at once by a second signal; requests in flight "
+                             f"were cut")
+
+
+# The signals serve() handles.  Every signal whose default action ends the process and that a
+# server may be sent by an operator or a supervisor stops it gracefully (the socket file is
+# removed), or is ignored with a log line; SIGKILL cannot be caught, and a fault (SIGSEGV, ...)
+# or a profiler's signal (SIGPROF, SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are
+# ignored by Python already.
+_SIGNALS = [(getattr(signal, name), action) for name, action in (
+    ("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"), ("SIGQUIT", "stop"),
+    ("SIGALRM", "stop"), ("SIGXCPU", "stop"), ("SIGPWR", "stop"),
+    ("SIGUSR1", "ignore"), ("SIGUSR2", "ignore")) if hasattr(signal, name)]
 
 
 def _notify_systemd(state):
@@ -2059,6 +2195,9 @@ class _CommandApp:
         self.base_env.update((name, os.environ[name]) for name in pass_env if name in os.environ)
         self._slots = threading.BoundedSemaphore(max_procs)
         self._running = set()  # process groups of running commands
+        self._spawning = threading.Lock()  # held from fork() until the pid is in _running
+        global _SUBREAPER
+        _SUBREAPER = _SUBREAPER or _become_subreaper()
         atexit.register(self.kill_all)  # none may outlive the server
 
     def __call__(self, environ, start_response):
@@ -2085,6 +2224,9 @@ class _CommandApp:
             outcome, code, output = self._run(env, body, environ)
         finally:
             self._slots.release()
+        if outcome == "client gone":
+            # Nothing to answer, and no one to answer: the server logs one line for it.
+            raise ConnectionAbortedError("its command was killed")
         if outcome == "cannot start":
             return _plain(start_response, "500 Internal Server Error",
                           "the command could not be started")
@@ -2133,16 +2275,17 @@ class _CommandApp:
         import subprocess  # here, not at the top: 3 ms less start-up for an --app server
         deadline = time.monotonic() + self.timeout
         try:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
+            with self._spawning:  # a command is never taken for an orphan (_kill_orphans)
+                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, start_new_session=True)
+                self._running.add(proc.pid)
         except OSError as exc:  # gone since start-up, or out of processes or descriptors
             self._log(environ, f"cannot start {self.argv[0]}: {exc.strerror or exc}")
             return "cannot start", None, b""
-        self._running.add(proc.pid)
         try:
             outcome, output = self._exchange(proc, body, environ, deadline)
-            # Its pipes are closed: it has exited or is about to.  (Popen.wait(timeout)
-            # would sleep 0.5 ms at least; a command takes about that long in all.)
+            # Its pipes are closed, or it has exited: it is gone or about to be.  (Popen.wait
+            # with a timeout would sleep 0.5 ms at least; a command takes about that long.)
             delay = 0.00005
             while outcome == "ok" and proc.poll() is None:
                 if time.monotonic() > deadline:
@@ -2157,58 +2300,77 @@ class _CommandApp:
                     pass
         finally:
             # Whatever it left running in the background goes too.  The group outlives its
-            # leader only while a member lives, so this cannot reach another process group.
+            # leader only while a member lives, so this cannot reach another process group;
+            # what left the group (setsid) is found as an orphan, if we are its subreaper.
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
             self._running.discard(proc.pid)
+            self._kill_orphans([proc.pid])
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 stream.close()
         return outcome, proc.returncode, output
 
     def _exchange(self, proc, body, environ, deadline):
-        """Feed stdin, collect stdout, log stderr and watch the client, until the pipes close.
+        """Feed stdin, collect stdout, log stderr and watch the client, until the command has
+        exited and its pipes are drained (a background child may hold them open for ever).
 
         Returns ("ok", output), or ("timeout" | "too much output" | "client gone", b"").
         """
-        # poll(2), not epoll: for three or four descriptors once, it costs fewer system calls.
-        selector = getattr(selectors, "PollSelector", selectors.SelectSelector)()
+        # poll(2), not epoll: for a few descriptors once, it costs fewer system calls.
+        poller, stdin, client = select.poll(), proc.stdin.fileno(), environ.get("wsgi_unix.socket")
         if body:
-            os.set_blocking(proc.stdin.fileno(), False)  # a command that does not read: no hang
-            selector.register(proc.stdin, selectors.EVENT_WRITE)
+            os.set_blocking(stdin, False)  # a command that does not read: no hang
+            poller.register(stdin, select.POLLOUT)
         else:
             proc.stdin.close()  # an empty stdin, not the server's
-        pipes = {proc.stdout, proc.stderr}
-        for pipe in pipes:
-            selector.register(pipe, selectors.EVENT_READ)
-        client = environ.get("wsgi_unix.socket")
+        pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        for fd in pipes:
+            os.set_blocking(fd, False)
+            poller.register(fd, select.POLLIN)
         if client is not None:
-            selector.register(client, selectors.EVENT_READ)
-        output, size, sent, stderr_tail = [], 0, 0, b""
+            # POLLRDHUP (Linux) says the client hung up even when it sent more bytes than its
+            # request; elsewhere a readable socket is peeked at.
+            poller.register(client, _CLIENT_HUNG_UP or select.POLLIN)
+        exited = _pidfd(proc.pid)  # readable once the command has exited (Linux 5.3+)
+        if exited is not None:
+            poller.register(exited, select.POLLIN)
+        output, size, sent, stderr_tail, done = [], 0, 0, b"", False
         try:
             while pipes:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "timeout", b""
-                for key, _ in selector.select(left):
-                    stream = key.fileobj
-                    if stream is proc.stdin:
+                # Once it has exited, only what its pipes hold already; without a pidfd, look
+                # at it every 50 ms.
+                wait = 0 if done else left if exited is not None else min(left, 0.05)
+                events = poller.poll(wait * 1000)
+                if done and not events:
+                    break  # exited, and its pipes are drained (a child may still hold them)
+                for fd, event in events:
+                    if fd == exited:
+                        done = True
+                        poller.unregister(exited)
+                    elif fd == stdin:
                         try:
-                            sent += os.write(proc.stdin.fileno(), body[sent:sent + 65536])
+                            sent += os.write(stdin, body[sent:sent + 65536])
                         except BrokenPipeError:
                             sent = len(body)  # the command does not want the rest
                         if sent >= len(body):
-                            selector.unregister(proc.stdin)
+                            poller.unregister(stdin)
                             proc.stdin.close()
-                    elif stream is client:
-                        if _client_gone(client):
+                    elif client is not None and fd == client.fileno():
+                        if _CLIENT_HUNG_UP or _client_gone(client):
                             return "client gone", b""
-                        selector.unregister(client)  # it sent more, so it is still there
+                        poller.unregister(client)  # it sent more, so it is still there
                     else:
-                        data = os.read(stream.fileno(), 65536)
+                        try:
+                            data = os.read(fd, 65536)
+                        except BlockingIOError:
+                            continue
                         if not data:
-                            selector.unregister(stream)
-                            pipes.discard(stream)
-                        if stream is proc.stdout:
+                            poller.unregister(fd)
+                            del pipes[fd]
+                        if fd == proc.stdout.fileno():
                             size += len(data)
                             if size > self.max_output:
                                 return "too much output", b""
@@ -2220,9 +2382,45 @@ class _CommandApp:
                             stderr_tail = b""
                         for line in lines:
                             self._log(environ, line.decode("utf-8", "replace"))
+                if exited is None and not done and proc.poll() is not None:
+                    done = True
+            if stderr_tail:
+                self._log(environ, stderr_tail.decode("utf-8", "replace"))
             return "ok", b"".join(output)
         finally:
-            selector.close()
+            if exited is not None:
+                os.close(exited)
+
+    def _kill_orphans(self, groups):
+        """Kill what finished commands left outside their process ``groups`` (a setsid()
+        daemon, say).
+
+        Orphans are reparented to us when we are the child subreaper (Linux); any child of ours
+        that is not a running command is one.  While a group still has members, or an orphan
+        had children of its own, more may come: look again (for _KILL_GRACE at most).
+        """
+        if not _SUBREAPER:
+            return
+        end = time.monotonic() + _KILL_GRACE
+        while time.monotonic() < end:
+            members = False
+            for pid in groups:
+                try:
+                    os.killpg(pid, 0)
+                    members = True  # still dying: its members may orphan more
+                except (ProcessLookupError, PermissionError):
+                    pass
+            with self._spawning:
+                orphans = [child for child in _children() if child not in self._running]
+                for child in orphans:
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                        os.waitpid(child, 0)
+                    except (ProcessLookupError, ChildProcessError):
+                        pass
+            if not orphans and not members:
+                return
+            time.sleep(0.005)
 
     def _log(self, environ, text):
         """One line of the command's stderr in the server log, prefixed with the request."""
@@ -2230,13 +2428,56 @@ class _CommandApp:
         environ["wsgi.errors"].write(line.translate(_LOG_ESCAPES) + "\n")
 
     def kill_all(self):
-        """Kill every running command's process group (at exit: none may outlive us)."""
-        for pid in list(self._running):
+        """Kill every running command's process group, and what they left (at exit: none may
+        outlive us)."""
+        groups = list(self._running)
+        for pid in groups:
             _kill_group(pid, signal.SIGKILL)
+        self._running.clear()
+        self._kill_orphans(groups)
 
 
 def _nothing():
     pass
+
+
+# Linux: poll() flags a peer that hung up even while unread bytes wait (0 elsewhere).
+_CLIENT_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
+                                                        select.POLLERR)
+
+
+def _pidfd(pid):
+    """A descriptor that becomes readable when process ``pid`` exits, or None (no pidfd)."""
+    try:
+        return os.pidfd_open(pid)  # Python 3.9+, Linux 5.3+
+    except (AttributeError, OSError):
+        return None
+
+
+def _become_subreaper():
+    """Make orphaned descendants our children (Linux prctl(PR_SET_CHILD_SUBREAPER)), so that
+    a command's setsid() daemon can be found and killed.  False where it cannot be done."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER = 36
+    except (OSError, AttributeError):
+        return False
+
+
+def _children():
+    """The pids of this process's children (from /proc; empty where there is none)."""
+    children = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.extend(int(pid) for pid in f.read().split())
+    except OSError:
+        return []
+    return children
+
+
+_SUBREAPER = False  # set when the command app made us the subreaper
 
 
 def _kill_group(pid, signum):
