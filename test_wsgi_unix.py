@@ -1577,7 +1577,7 @@ class LoadTests(ServerTestCase):
         self.assertFalse(os.path.lexists(self.sock))
         # A client either got its whole answer or could not connect; never a broken one.
         broken = [e for e in errors if "ConnectionRefused" not in e and "FileNotFound" not in e]
-        self.assertEqual(broken, [])
+        self.assertEqual(broken, [], server.log())
 
     def test_after_sigkill_under_load_the_next_start_serves(self):
         server = self.start_app("--quiet", self.sock)

@@ -1484,7 +1484,6 @@ class _Engine:
         self.wake()
 
     def _stop_accepting(self, now):
-        self._stop_done = True
         if not self.server.listen_address.inherited:
             # Serve what is queued already (a Unix socket's file is gone: nothing new comes).
             while True:
@@ -1509,6 +1508,8 @@ class _Engine:
                 self._close(conn)
             elif conn.state == _HEAD and not conn.reader.buffer:
                 conn.deadline = min(conn.deadline, now + STOP_LINGER)
+        with self.lead.lock:  # only now: what was accepted above counts in ``open`` already
+            self._stop_done = True
 
     def wait_closed(self, deadline, tick):
         """Wait until the stop is done and every connection is closed, or until ``deadline``;
