@@ -700,7 +700,7 @@ class SocketFileTests(ServerTestCase):
         thread = threading.Thread(target=create_files)
         thread.start()
         try:
-            for _ in range(50):
+            for _ in range(300):
                 with wsgi_unix.make_server(self.sock, None, mode=0o666) as server:
                     self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o666)
                     self.assertIsNotNone(server.socket)
