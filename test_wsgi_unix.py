@@ -335,6 +335,15 @@ def wait_for(condition, what, deadline=DEADLINE):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def run_together(function, count):
+    """Run ``function`` in ``count`` threads at once, and wait for them all."""
+    threads = [threading.Thread(target=function) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+
+
 def connectable(path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
@@ -1944,18 +1953,6 @@ class CommandAppTests(ServerTestCase):
         daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
         wait_for(lambda: not os.path.exists(f"/proc/{daemon}"), "the setsid daemon to be killed")
 
-    def test_a_setsid_daemon_of_a_running_command_dies_with_the_server(self):
-        pidfile = os.path.join(self.dir, "pid")
-        server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {pidfile}; "
-                                    f"exec sleep 300", options=["--graceful-timeout", "1"])
-        client = unix_connection(self.sock)
-        client.request("GET", "/")
-        daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        wait_for(lambda: not process_alive(daemon), "the setsid daemon to be killed")
-        client.close()
-
     def test_a_command_that_exits_is_answered_though_a_child_holds_its_output(self):
         pidfile = os.path.join(self.dir, "pid")
         self.serve_command("sh", "-c", f"echo hello; sleep 300 & echo $! > {pidfile}",
@@ -1979,16 +1976,19 @@ class CommandAppTests(ServerTestCase):
         self.assertEqual(server.log().count("client went away"), 1, server.log())
         self.assertNotIn('" 500', server.log())  # no answer written to a closed socket
 
-    def test_no_command_outlives_the_server(self):
-        pidfile = os.path.join(self.dir, "pid")
-        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300",
+    def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
+        pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
+        server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
+                                    f"echo $$ > {pidfile}; exec sleep 300",
                                     options=["--graceful-timeout", "1"])
         client = unix_connection(self.sock)
         client.request("GET", "/")
         pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        daemon = read_pid(daemonfile)
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
         wait_for(lambda: not process_alive(pid), "the command to die with the server")
+        wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with the server")
         client.close()
 
     def test_readme_status_page_webhook_and_cgi_status(self):
@@ -2166,11 +2166,7 @@ http {{
                 statuses.append(self.fetch("GET", "/")[0])
             except OSError as exc:
                 statuses.append(repr(exc))
-        threads = [threading.Thread(target=one) for _ in range(50)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(DEADLINE)
+        run_together(one, 50)
         self.assertEqual(statuses, [200] * 50)
         with open(self.error_log) as f:
             self.assertNotIn("connect() to unix:", f.read())
@@ -2758,11 +2754,7 @@ class ThreadBoundTests(ServerTestCase):
 
         def slow():
             answers.append(get(self.sock, "/counted?0.5")[0])
-        threads = [threading.Thread(target=slow) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(DEADLINE)
+        run_together(slow, 3)
         self.assertEqual(answers, [200] * 3)
         self.assertEqual(get(self.sock, "/peak")[2], b"3")  # side by side, not one after another
 
