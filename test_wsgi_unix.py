@@ -36,7 +36,7 @@ import io, json, os, sys, threading, time
 
 barrier = None
 inflight, peak, counting = 0, 0, threading.Lock()  # app calls at once, and the most seen
-seen = set()  # client sockets
+seen = set()  # the inodes of client sockets
 
 
 class NoRead(io.FileIO):
@@ -185,7 +185,7 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"counted\n"]
     if path == "/count-connections":  # how many connections requests came on
-        seen.add(environ["wsgi_unix.socket"])  # (kept, so that no id is reused)
+        seen.add(os.fstat(environ["wsgi_unix.socket"].fileno()).st_ino)  # one per socket
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % len(seen)]
     if path == "/peak":
@@ -2058,10 +2058,13 @@ class NginxTests(ServerTestCase):
         snippet = readme_block("nginx", "proxy_http_version")
         snippet = snippet.replace("/run/app/app.sock", self.sock)
         snippet = snippet.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
-        # A cache in front, to see that a truncated response is never taken for a whole one.
+        # A cache in front, for requests that ask for it (X-Test-Cache: 1), to see that a
+        # truncated response is never taken for a whole one; and a location rule.
         snippet = snippet.replace("location / {", "location /admin { return 403; }\n"
                                   "    location / {\n        proxy_cache test;\n"
                                   "        proxy_cache_valid 200 1m;\n"
+                                  "        proxy_cache_bypass $no_cache;\n"
+                                  "        proxy_no_cache $no_cache;\n"
                                   "        add_header X-Cache $upstream_cache_status;")
         config = os.path.join(prefix, "nginx.conf")
         with open(config, "w") as f:
@@ -2075,6 +2078,7 @@ events {{ worker_connections 1024; }}
 http {{
     access_log off;
     proxy_cache_path {prefix}/cache keys_zone=test:1m;
+    map $http_x_test_cache $no_cache {{ default 1; "1" 0; }}
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -2126,9 +2130,10 @@ http {{
         self.assertLessEqual(int(self.fetch("GET", "/count-connections")[2]), 4)
 
     def test_a_truncated_response_is_neither_completed_nor_cached(self):
+        cache = {"X-Test-Cache": "1"}
         for _ in range(2):
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
-            conn.request("GET", "/stream-error?100000")
+            conn.request("GET", "/stream-error?100000", headers=cache)
             response = conn.getresponse()
             self.assertEqual(response.getheader("X-Cache"), "MISS")  # never a HIT
             with self.assertRaises(http.client.IncompleteRead):
@@ -2137,8 +2142,9 @@ http {{
         with open(self.error_log) as f:
             self.assertIn("upstream prematurely closed", f.read())
         # The same response, whole, is cached: the cache works, it just never had the other.
-        self.assertEqual(self.fetch("GET", "/stream?100000")[1].getheader("X-Cache"), "MISS")
-        status, response, body = self.fetch("GET", "/stream?100000")
+        self.assertEqual(self.fetch("GET", "/stream?100000", headers=cache)[1].getheader("X-Cache"),
+                         "MISS")
+        status, response, body = self.fetch("GET", "/stream?100000", headers=cache)
         self.assertEqual((status, response.getheader("X-Cache"), len(body)), (200, "HIT", 100000))
 
     def test_a_fragment_cannot_sneak_past_an_nginx_location_rule(self):
