@@ -1055,18 +1055,23 @@ class _Leadership:
             return not self.finished
 
     def take_work(self, me):
-        """For the leader: (still leading, a ready connection or None, connections handed back)."""
+        """For the leader: (still leading, a ready connection or None, connections handed back).
+
+        Handed-back connections come first and alone (the leader puts them in the selector,
+        during which it must not be demoted); a ready connection comes with ``busy_since``
+        set, as the leader is about to run its app.
+        """
         with self.lock:
             if self.leader != me or self.finished:
                 return False, None, ()
-            returns = list(self.returns)
-            self.returns.clear()
-            return True, (self.ready.popleft() if self.ready else None), returns
-
-    def begin_app(self, me):
-        with self.lock:
-            if self.leader == me:
-                self.busy_since = time.monotonic()
+            if self.returns:
+                returns = list(self.returns)
+                self.returns.clear()
+                return True, None, returns
+            if not self.ready:
+                return True, None, ()
+            self.busy_since = time.monotonic()
+            return True, self.ready.popleft(), ()
 
     def end_app(self, me):
         """The app has returned; True if this thread still leads."""
@@ -1171,9 +1176,10 @@ class _Engine:
             leading, conn, returns = self.lead.take_work(me)
             if not leading:
                 return
-            for back in returns:
-                self._rejoin(back)
-            if conn is not None:
+            if returns:
+                for back in returns:
+                    self._rejoin(back)
+            elif conn is not None:
                 self._serve(conn, me)
             elif self._accept_next and self.accepting and not self.stopping:
                 # The last accept() found connections: look for more straight away, as a
@@ -1186,8 +1192,7 @@ class _Engine:
                 self._poll()
 
     def _serve(self, conn, me):
-        conn.state = _SERVING
-        self.lead.begin_app(me)
+        conn.state = _SERVING  # (take_work has marked the leader busy)
         try:
             outcome = self.server.serve_request(conn)
         except Exception:
