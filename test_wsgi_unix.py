@@ -335,6 +335,11 @@ def wait_for(condition, what, deadline=DEADLINE):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def connectable_tcp(port):
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def run_together(function, count):
     """Run ``function`` in ``count`` threads at once, and wait for them all."""
     threads = [threading.Thread(target=function) for _ in range(count)]
@@ -1484,9 +1489,44 @@ class ApplicationFaultTests(ServerTestCase):
             sock.sendall(request_bytes(f"/closing?{gone},{10 * 1024 * 1024}"))
             sock.recv(1024)
         wait_for(lambda: os.path.exists(gone), "close() after the client went away")
-        server.wait_line("client went away")
+        server.wait_line(f'"GET /closing?{gone},10485760 HTTP/1.1" 499 ')  # nginx's status
         self.assertEqual(get(self.sock)[0], 200)  # the only thread is free again
         self.assertNotIn("Traceback", server.log())
+        self.assertNotIn("client went away", server.log())  # an access line, not an error
+
+    def test_the_access_log_is_nginx_combined_with_the_duration(self):
+        log = os.path.join(self.dir, "access.log")
+        server = self.start_app("--proxy-headers", "--access-log", log, self.sock)
+        get(self.sock, "/env", headers={"X-Forwarded-For": "203.0.113.9",
+                                        "Referer": "http://ref.example/", "User-Agent": "ua/1.0"})
+        get(self.sock, "/")
+        conn = unix_connection(self.sock)  # the app fails after its head: still a line
+        conn.request("GET", "/error-after-headers")
+        conn.getresponse()
+        conn.close()
+        server.wait_line("RuntimeError: late boom")
+        def read_lines():
+            with open(log) as f:
+                return f.read().splitlines()
+        wait_for(lambda: len(read_lines()) >= 3, "three access-log lines")
+        lines = read_lines()
+        self.assertRegex(lines[0], r'^203\.0\.113\.9 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                                   r'"GET /env HTTP/1\.1" 200 \d+ "http://ref\.example/" "ua/1\.0" '
+                                   r'\d+\.\d{3}$')
+        self.assertTrue(lines[1].startswith("- - - ["), lines[1])  # a Unix peer, no proxy headers
+        self.assertIn('"GET /error-after-headers HTTP/1.1" 200 ', lines[2])
+        self.assertNotIn("GET /", server.log())  # the access log went to the file only
+
+    def test_when_every_thread_is_stuck_a_line_says_so(self):
+        server = self.start_app("--threads", "2", "--timeout", "1", self.sock)
+        stuck = [unix_connection(self.sock) for _ in range(2)]
+        for conn in stuck:
+            conn.request("GET", "/forever")
+        line = server.wait_line("threads have been busy")
+        self.assertIn("all 2 threads have been busy for more than 1 s; the oldest request, "
+                      "GET /forever, for ", line)
+        for conn in stuck:
+            conn.close()
 
     def test_an_app_that_blocks_forever_does_not_block_others(self):
         server = self.start_app("--threads", "2", self.sock)
@@ -1704,6 +1744,40 @@ class CommandLineTests(ServerTestCase):
         self.assertOneLineError(["--app", "nosuchmodule:app", self.sock], 1, "nosuchmodule")
         self.assertOneLineError(["--app", "testapp:nothing", self.sock], 1, "testapp:nothing")
 
+    def test_an_app_that_fails_to_import_shows_its_own_traceback(self):
+        with open(os.path.join(self.dir, "broken.py"), "w") as f:
+            f.write("import os\n\nDATABASE = os.environ['DATABASE_URL']\n")
+        code, lines = self.run_cli("--app", "broken:app", self.sock)
+        self.assertEqual(code, 1, lines)
+        text = "\n".join(lines)
+        self.assertIn('broken.py", line 3, in <module>', text)
+        self.assertIn("KeyError: 'DATABASE_URL'", text)
+        self.assertNotIn("wsgi_unix.py", text)  # the app's frames, not ours
+        self.assertEqual(lines[-1], "wsgi_unix: --app broken:app: importing broken failed (its "
+                                    "traceback is above)")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_an_app_factory_is_called_once_with_literal_arguments(self):
+        with open(os.path.join(self.dir, "factory.py"), "w") as f:
+            f.write("calls = []\n"
+                    "def create_app(greeting, punctuation='!'):\n"
+                    "    calls.append(1)\n"
+                    "    def app(environ, start_response):\n"
+                    "        start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                    "        return [('%s%s %d' % (greeting, punctuation, len(calls))).encode()]\n"
+                    "    return app\n"
+                    "def make():\n"
+                    "    return create_app('made')\n")
+        self.start("--app", "factory:create_app('hello', punctuation='?')", self.sock)
+        self.assertEqual(get(self.sock)[2], b"hello? 1")
+        self.assertEqual(get(self.sock)[2], b"hello? 1")  # once, not per request
+        other = os.path.join(self.dir, "other.sock")
+        self.assertOneLineError(["--app", "factory:make", other], 1,
+                                "is it a factory? write --app 'factory:make()'")
+        self.assertOneLineError(["--app", "factory:create_app(__import__('os'))", other], 1,
+                                "must be literals")
+        self.assertFalse(os.path.lexists(other))
+
     def test_usage_errors_exit_2_and_help_and_version_exit_0(self):
         self.assertOneLineError([], 2, "ADDRESS")
         self.assertOneLineError(["--threads", "0", self.sock], 2, "--threads")
@@ -1720,6 +1794,34 @@ class CommandLineTests(ServerTestCase):
         result = subprocess.run([sys.executable, SERVER, "--version"], capture_output=True, text=True)
         self.assertEqual((result.returncode, result.stdout.strip()),
                          (0, f"wsgi_unix {wsgi_unix.__version__}"))
+
+    def test_addresses_typed_from_habit_get_the_right_spelling(self):
+        for typed, right in (("http://localhost:8000", "write localhost:8000"),
+                             ("https://127.0.0.1:8443/", "write 127.0.0.1:8443"),
+                             ("unix://app.sock", "write unix:app.sock"),
+                             ("8000", "127.0.0.1:8000"), ("localhost", "./localhost")):
+            self.assertOneLineError([typed], 2, right)
+        self.assertEqual([name for name in os.listdir(self.dir) if not name.endswith(".py")], [])
+        # An unknown option is named, not the address after it.
+        line = self.assertOneLineError(["--workers", "2", self.sock], 2, "unknown option --workers")
+        self.assertNotIn("app.sock", line)
+
+    def test_command_app_options_with_app_are_usage_errors(self):
+        for option in (["--cgi"], ["--pass-env", "HOME"], ["--max-body", "2M"],
+                       ["--max-output", "1M"], ["--command-timeout", "5"], ["--methods", "GET"],
+                       ["--max-procs", "2"]):
+            self.assertOneLineError(option + ["--app", "testapp:app", self.sock], 2,
+                                    f"{option[0]} is for the command app")
+
+    def test_pass_env_takes_a_comma_list(self):
+        self.start(self.sock, "--pass-env", "API_TOKEN,HOME", "--", "sh", "-c",
+                   'echo "$API_TOKEN $HOME"',
+                   env={"PATH": os.environ["PATH"], "API_TOKEN": "t0k", "HOME": "/h"})
+        self.assertEqual(get(self.sock)[0::2], (200, b"t0k /h\n"))
+
+    def test_group_without_mode_makes_the_socket_usable_by_that_group(self):
+        self.start_app("--group", str(os.getgid()), self.sock)
+        self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o660)
 
     def test_quiet_drops_the_access_log(self):
         server = self.start_app("--quiet", self.sock)
@@ -1825,6 +1927,15 @@ class CommandAppTests(ServerTestCase):
         self.assertNotIn(b"problem", body)
         self.assertEqual(server.wait_line("first problem"), "wsgi_unix: GET /job: first problem")
         self.assertEqual(server.wait_line("second"), "wsgi_unix: GET /job: second\\x1b[31m")
+        # The reason goes to the operator too, with the request.
+        self.assertEqual(server.wait_line("exited with"),
+                         "wsgi_unix: GET /job: sh: the command exited with status 7")
+
+    def test_output_that_is_not_utf8_is_not_labelled_utf8(self):
+        self.serve_command("printf", "\\377\\376binary")
+        status, response, body = get(self.sock)
+        self.assertEqual((status, body), (200, b"\xff\xfebinary"))
+        self.assertEqual(response.getheader("Content-Type"), "application/octet-stream")
 
     def test_unicode_line_separators_in_stderr_are_escaped_in_the_log(self):
         # A log reader that splits on U+2028/U+2029 (str.splitlines does) could be fooled.
@@ -1972,9 +2083,8 @@ class CommandAppTests(ServerTestCase):
         client.sendall(b"\r\n")  # stray bytes after the request: not a sign of life for ever
         client.close()
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be killed")
-        wait_for(lambda: "client went away" in server.log(), "the log line")
-        self.assertEqual(server.log().count("client went away"), 1, server.log())
-        self.assertNotIn('" 500', server.log())  # no answer written to a closed socket
+        server.wait_line('"GET / HTTP/1.1" 499 ')  # one access-log line: no answer written
+        self.assertEqual(len(server.log().splitlines()), 2, server.log())
 
     def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
         pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
@@ -2000,7 +2110,8 @@ class CommandAppTests(ServerTestCase):
         self.servers.pop().stop()
         self.write_script("deploy.sh", 'echo "Content-Type: text/plain"\necho\n'
                                        'echo "deploying $(cat | wc -c) bytes of payload"\n')
-        self.serve_command("./deploy.sh", options=["--cgi"])
+        self.serve_command("./deploy.sh", options=["--cgi", "--methods", "POST"])
+        self.assertEqual(get(self.sock)[0], 405)  # a plain curl deploys nothing
         self.assertEqual(get(self.sock, "/", "POST", body=b'{"ref": "main"}')[0::2],
                          (200, b"deploying 15 bytes of payload\n"))
         self.servers.pop().stop()
@@ -2025,6 +2136,17 @@ def readme_block(language, containing):
     if len(found) != 1:
         raise AssertionError(f"README has {len(found)} {language} blocks with {containing!r}")
     return found[0]
+
+
+def readme_site(sock, port, static):
+    """The README's nginx site, for a socket at ``sock``, on 127.0.0.1:``port``."""
+    site = readme_block("nginx", "proxy_http_version")
+    for text, replacement in (("/run/app/app.sock", sock), ("listen 80;", f"listen 127.0.0.1:{port};"),
+                              ("listen [::]:80;", ""), ("/opt/app/static/", static + "/")):
+        if text not in site:
+            raise AssertionError(f"the README's site has no {text!r}")
+        site = site.replace(text, replacement)
+    return site
 
 
 def require_tool(test, name):
@@ -2055,9 +2177,7 @@ class NginxTests(ServerTestCase):
         for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.mkdir(os.path.join(prefix, temp))
             shutil.chown(os.path.join(prefix, temp), "www-data")
-        snippet = readme_block("nginx", "proxy_http_version")
-        snippet = snippet.replace("/run/app/app.sock", self.sock)
-        snippet = snippet.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        snippet = readme_site(self.sock, self.port, self.dir)
         # A cache in front, for requests that ask for it (X-Test-Cache: 1), to see that a
         # truncated response is never taken for a whole one; and a location rule.
         snippet = snippet.replace("location / {", "location /admin { return 403; }\n"
@@ -2178,6 +2298,61 @@ http {{
             self.assertNotIn("connect() to unix:", f.read())
 
 
+class DebianNginxTests(ServerTestCase):
+    """The README's site file in a copy of the nginx package's own /etc/nginx, next to its
+    default site: with the stock configuration, not a minimal one."""
+
+    def test_the_readme_site_works_beside_the_stock_default_site(self):
+        nginx = require_tool(self, "nginx")
+        if not os.path.exists("/etc/nginx/sites-available/default"):
+            if os.environ.get("CI"):
+                self.fail("no stock /etc/nginx; .ci/run installs Debian's nginx")
+            self.skipTest("no stock /etc/nginx here")
+        port, etc = free_port(), os.path.join(self.dir, "etc-nginx")
+        shutil.copytree("/etc/nginx", etc, symlinks=True)
+        os.mkdir(os.path.join(self.dir, "static"))
+        with open(os.path.join(self.dir, "static", "style.css"), "w") as f:
+            f.write("body {}\n")
+        conf = os.path.join(etc, "nginx.conf")
+        with open(conf) as f:
+            text = f.read()
+        # Only the paths move into the copy (and the logs and pid into the test's directory).
+        text = text.replace("/etc/nginx/", etc + "/").replace("/run/nginx.pid",
+                                                                 os.path.join(etc, "nginx.pid"))
+        text = text.replace("/var/log/nginx/", self.dir + "/")
+        with open(conf, "w") as f:
+            f.write(text)
+        default = os.path.join(etc, "sites-enabled", "default")
+        os.unlink(default)  # a link to the real one
+        with open("/etc/nginx/sites-available/default") as f:
+            text = f.read().replace("listen 80 default_server;",
+                                    f"listen 127.0.0.1:{port} default_server;")
+        with open(default, "w") as f:
+            f.write(text.replace("listen [::]:80 default_server;", ""))
+        with open(os.path.join(etc, "sites-available", "app"), "w") as f:
+            f.write(readme_site(self.sock, port, os.path.join(self.dir, "static")))
+        os.symlink("../sites-available/app", os.path.join(etc, "sites-enabled", "app"))
+        check = subprocess.run([nginx, "-t", "-c", conf, "-e", os.path.join(self.dir, "e.log")],
+                               capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stderr)
+        proc = subprocess.Popen([nginx, "-c", conf, "-e", os.path.join(self.dir, "e.log"),
+                                 "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait, DEADLINE)
+        self.addCleanup(proc.terminate)
+        self.start("--group", "www-data", "--proxy-headers", "--app", "testapp:app", self.sock)
+
+        def fetch(host, url="/"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+            return exchange(conn, "GET", url, headers={"Host": host})
+        wait_for(lambda: proc.poll() is not None or connectable_tcp(port), "nginx to listen")
+        self.assertEqual(fetch("app.example.com")[0::2], (200, b"hello\n"))
+        self.assertEqual(fetch("app.example.com", "/static/style.css")[0::2], (200, b"body {}\n"))
+        status, _, body = fetch("localhost")  # any other name: the package's default site
+        self.assertEqual(status, 200)
+        self.assertIn(b"nginx", body)
+        self.assertNotEqual(body, b"hello\n")
+
+
 class ProxyHeaderTests(ServerTestCase):
     HEADERS = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7", "X-Forwarded-Proto": "https"}
 
@@ -2279,17 +2454,20 @@ class SystemdTests(ServerTestCase):
         os.mkdir(units)
         socket_unit = readme_block("ini", "ListenStream=")
         service_unit = readme_block("ini", "ExecStart=")
+        # The units as written, with /opt/app where the test keeps the app (and its venv).
+        opt_app = os.path.join(self.dir, "opt-app")
+        os.makedirs(os.path.join(opt_app, "venv", "bin"))
+        os.symlink(sys.executable, os.path.join(opt_app, "venv", "bin", "python"))
         for name, text in (("app.socket", socket_unit), ("app.service", service_unit)):
             with open(os.path.join(units, name), "w") as f:
-                f.write(text)
+                f.write(text.replace("/opt/app", opt_app))
         result = subprocess.run([analyze, "verify", "app.socket", "app.service"], cwd=units,
                                 capture_output=True, text=True)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("SocketMode=0660", socket_unit)
         self.assertIn("SocketGroup=www-data", socket_unit)
         # Run the service's command as systemd would: the socket as fd 3, NOTIFY_SOCKET set.
-        opt_app = os.path.join(self.dir, "opt-app")
-        os.mkdir(opt_app)
+        self.assertIn("StateDirectory=app", service_unit)  # a writable place under DynamicUser
         shutil.copy(SERVER, opt_app)
         with open(os.path.join(opt_app, "app.py"), "w") as f:
             f.write("def application(environ, start_response):\n"
@@ -2331,6 +2509,45 @@ class FrameworkTests(ServerTestCase):
         self.start_app()
         self.assertEqual(get(self.sock, "/write")[0::2], (200, b"written, then returned\n"))
         self.assertEqual(get(self.sock, "/exc-info")[0::2], (503, b"sorry\n"))
+
+    def test_the_readme_dockerfile_cmd_serves_as_its_user(self):
+        dockerfile = readme_block("dockerfile", "CMD")
+        self.assertIn("COPY wsgi_unix.py app.py requirements.txt ./", dockerfile)
+        self.assertIn("USER 1000:101", dockerfile)
+        command = json.loads(dockerfile.split("\nCMD ", 1)[1])
+        app_dir, run_dir = os.path.join(self.dir, "app"), os.path.join(self.dir, "run-app")
+        for directory in (app_dir, run_dir):
+            os.mkdir(directory)
+        os.chown(run_dir, 1000, 101)  # as the RUN line does for /run/app
+        shutil.copy(SERVER, app_dir)
+        with open(os.path.join(app_dir, "app.py"), "w") as f:
+            f.write("def application(environ, start_response):\n"
+                    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                    "    return [b'in a container\\n']\n")
+        python = python_for_nobody()
+        command = [python if arg == "python" else arg.replace("/run/app", run_dir) for arg in command]
+
+        def as_container_user():
+            os.setgid(101)
+            os.setgroups([])
+            os.setuid(1000)
+        server = Server(command, app_dir, env={"PATH": os.environ["PATH"]},
+                        preexec_fn=as_container_user)
+        self.servers.append(server)
+        server.wait_ready()
+        sock = os.path.join(run_dir, "app.sock")
+        self.assertEqual(get(sock)[0::2], (200, b"in a container\n"))
+        info = os.lstat(sock)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, 101))
+
+    def test_help_and_the_readme_list_the_same_options(self):
+        import re
+        text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True,
+                              text=True).stdout
+        in_help = set(re.findall(r"^\s+(--[a-z-]+)", text, re.M)) - {"--help", "--version"}
+        with open(os.path.join(HERE, "README.md")) as f:
+            rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
+        self.assertEqual(in_help, set(re.findall(r"`(--[a-z-]+)", "\n".join(rows))))
 
     def test_bare_container_run_serves(self):
         # No environment at all, no site-packages, isolated mode: as in a scratch container.
@@ -3112,6 +3329,31 @@ class EngineAPITests(ServerTestCase):
         with self.assertRaises(TypeError):
             wsgi_unix.make_server(self.sock, None, thread=4)
         self.assertFalse(os.path.lexists(self.sock))
+
+    def test_keywords_are_checked_as_the_cli_checks_options(self):
+        app = None  # no request is ever served here
+        for keywords, error, naming in (({"threads": 0}, ValueError, "threads"),
+                                        ({"max_connections": -1}, ValueError, "max_connections"),
+                                        ({"timeout": float("nan")}, ValueError, "timeout"),
+                                        ({"keep_alive": -1}, ValueError, "keep_alive"),
+                                        ({"threads": "8"}, TypeError, "threads"),
+                                        ({"mode": "660"}, TypeError, "0o660"),
+                                        ({"mode": 0o1777}, ValueError, "mode")):
+            with self.subTest(keywords=keywords):
+                with self.assertRaises(error) as caught:
+                    wsgi_unix.make_server(self.sock, app, **keywords)
+                self.assertIn(naming, str(caught.exception))
+        self.assertFalse(os.path.lexists(self.sock))
+        with self.assertRaises(TypeError) as caught:  # arguments swapped
+            wsgi_unix.make_server(lambda environ, start_response: [], self.sock)
+        self.assertIn("(host, port) tuple", str(caught.exception))
+
+    def test_an_address_may_be_a_path_or_a_host_and_port_tuple(self):
+        import pathlib
+        with wsgi_unix.make_server(pathlib.Path(self.sock), None) as server:
+            self.assertEqual(str(server), f"unix:{self.sock}")
+        with wsgi_unix.make_server(("127.0.0.1", 0), None) as server:
+            self.assertEqual(server.listen_address.kind, "tcp")
 
 
 class APITests(ServerTestCase):

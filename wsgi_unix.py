@@ -133,6 +133,30 @@ STOP_LOCK_WAIT = 2.0
 STOP_LINGER = 1.0
 
 
+def _checked(settings):
+    """``settings`` if every value is of the kind DEFAULTS has; else TypeError or ValueError
+    naming the keyword (as the CLI's usage errors do)."""
+    def number(name, low, integer=False, above=False):
+        value = settings[name]
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+        if not (value > low if above else value >= low) or value != value or value == float("inf"):
+            raise ValueError(f"{name}={value!r}: must be {'above' if above else 'at least'} {low}")
+    for name in ("threads", "max_connections"):
+        number(name, 1, integer=True)
+    for name in ("timeout", "graceful_timeout"):
+        number(name, 0, above=True)
+    number("keep_alive", 0)
+    number("max_request_body", 0, integer=True)
+    mode = settings["mode"]
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"mode must be an int like 0o660, not {type(mode).__name__} {mode!r}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"mode={mode:#o}: must be from 0o000 to 0o777")
+    return settings
+
+
 class AddressError(ValueError):
     """The address is malformed or names nothing usable (the CLI exits with status 2)."""
 
@@ -167,6 +191,14 @@ class ListenAddress:
     """
 
     def __init__(self, text):
+        if isinstance(text, tuple) and len(text) == 2:  # wsgiref's (host, port)
+            host, port = text
+            text = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        elif isinstance(text, os.PathLike):
+            text = os.fspath(text)
+        if not isinstance(text, str):
+            raise TypeError(f"an address is text like /run/app.sock or 127.0.0.1:8000, a path, "
+                            f"or a (host, port) tuple, not {type(text).__name__}")
         self.text = text
         self.kind = None  # "unix", "abstract", "tcp" or "fd"
         self.path = self.host = self.port = self.fd = None
@@ -175,6 +207,14 @@ class ListenAddress:
         self._parse(text)
 
     def _parse(self, text):
+        scheme = text.partition("://")[0].lower()
+        if scheme in ("http", "https", "unix", "tcp"):  # gunicorn's, uvicorn's, curl's habits
+            rest = text.split("://", 1)[1]
+            right = f"unix:{rest}" if scheme == "unix" else rest.split("/", 1)[0] or "127.0.0.1:8000"
+            raise AddressError(f"{text}: an address, not a URL: write {right}")
+        if (text.isascii() and text.isdigit()) or text == "localhost":
+            raise AddressError(f"{text}: for TCP write 127.0.0.1:{text if text.isdigit() else 8000}; "
+                               f"for a socket file named so, ./{text}")
         if text.startswith("fd:"):
             number = text[3:]
             if not (number.isascii() and number.isdigit()):
@@ -918,11 +958,15 @@ class _Progress:
         poller = select.poll()
         poller.register(sock, select.POLLOUT)
         if left <= 0 or not poller.poll(left * 1000):
-            raise ConnectionAbortedError("the client stopped reading")
+            raise _TooSlow("the client stopped reading")
 
 
 # struct ucred {pid_t pid; uid_t uid; gid_t gid;}: Linux only; elsewhere no peer credentials.
 _PEERCRED = struct.Struct("3i") if hasattr(socket, "SO_PEERCRED") else None
+
+class _TooSlow(ConnectionAbortedError):
+    """A client that reads less than the progress rule asks: we cut it off."""
+
 
 # What a send to a client that hung up (or stopped reading) raises.
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -1154,6 +1198,7 @@ class _Engine:
         self.open = 0  # under lead.lock
         self._all_closed = threading.Condition(self.lead.lock)
         self.stopping = self._stop_done = False
+        self.serving = {}  # thread ident -> (since, request) while it runs an app
         self._scan_every = poll_interval
         self._next_scan = 0.0
         self._unix = self.listener.family == socket.AF_UNIX
@@ -1193,12 +1238,14 @@ class _Engine:
 
     def _serve(self, conn, me):
         conn.state = _SERVING  # (take_work has marked the leader busy)
+        self.serving[me] = (time.monotonic(), conn.request)  # for stuck_report()
         try:
             outcome = self.server.serve_request(conn)
         except Exception:
             self.server.handle_error(conn.sock, conn.address)
             outcome = "abort"
         finally:
+            del self.serving[me]
             still_leading = self.lead.end_app(me)
         request, conn.request = conn.request, None
         request.body.close()
@@ -1480,6 +1527,21 @@ class _Engine:
         if not self.accepting:
             self.wake()  # a slot is free: the leader may accept again
 
+    def stuck_report(self, now, after):
+        """A line to log when every thread has run one app for ``after`` seconds, else None.
+
+        --timeout bounds I/O, not the app: a thread cannot be killed (gunicorn kills a stuck
+        worker process), so a stuck app is at least made visible.
+        """
+        serving = list(self.serving.values())
+        if len(serving) < self.server.threads:
+            return None
+        since, request = min(serving, key=lambda item: item[0])
+        if now - since < after:
+            return None
+        return (f"all {len(serving)} threads have been busy for more than {after:g} s; the "
+                f"oldest request, {request.method} {request.path}, for {now - since:.0f} s")
+
     # -- stopping --
 
     def begin_stop(self):
@@ -1571,7 +1633,7 @@ class WSGIServer(simple_server.WSGIServer):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
-        settings = dict(DEFAULTS, **settings)
+        settings = _checked(dict(DEFAULTS, **settings))
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
         allow_uids = settings["allow_uids"]
         self.allow_uids = None if allow_uids is None else {_user_id(user) for user in allow_uids}
@@ -1666,13 +1728,19 @@ class WSGIServer(simple_server.WSGIServer):
             self.on_ready()
         poller = select.poll()
         poller.register(self._stop_r, select.POLLIN)
-        stop_began = time.monotonic()
+        stop_began = next_stuck_check = time.monotonic()
         try:
             while not self._stop_requested:
                 busy = engine.lead.busy_since is not None
                 if poller.poll(1000 * (PROMOTE_AFTER if busy else min(poll_interval, 0.1))):
                     self._stop_r.recv(4096)
                 engine.lead.promote_if_stuck(PROMOTE_AFTER)
+                now = time.monotonic()
+                if now >= next_stuck_check:
+                    stuck = engine.stuck_report(now, self.timeout)
+                    next_stuck_check = now + (60.0 if stuck else 1.0)  # at most once a minute
+                    if stuck:
+                        self.log_line(stuck)
                 self.service_actions()
             stop_began = time.monotonic()
             if self.listen_address.kind == "unix":
@@ -1730,10 +1798,11 @@ class WSGIServer(simple_server.WSGIServer):
 
 
 def _log_time():
-    """The access log's time, as http.server writes it."""
-    year, month, day, hh, mm, ss, *_ = time.localtime()
-    return "%02d/%3s/%04d %02d:%02d:%02d" % (
-        day, simple_server.WSGIRequestHandler.monthname[month], year, hh, mm, ss)
+    """The log's time as nginx writes it: local time with its zone, 29/Nov/2026:15:07:06 +0000."""
+    now = time.localtime()
+    return "%02d/%3s/%04d:%02d:%02d:%02d %s" % (
+        now.tm_mday, simple_server.WSGIRequestHandler.monthname[now.tm_mon], now.tm_year,
+        now.tm_hour, now.tm_min, now.tm_sec, time.strftime("%z", now))
 
 
 class WSGIRequestHandler(simple_server.WSGIRequestHandler):
@@ -1768,8 +1837,10 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         self.requestline, self.request_headers = request.line, request.headers
         server = self.server
         self.close_connection = not (request.keep_alive and server.keep_alive and not server.stopping)
+        self.started = time.monotonic()
+        self.environ = self.get_environ()  # (kept for the access log)
         handler = ServerHandler(request.body, _SocketWriter(self.connection, server.timeout),
-                                self.get_stderr(), self.get_environ(), multithread=True)
+                                self.get_stderr(), self.environ, multithread=True)
         handler.request_handler = self  # wsgiref's back-pointer, for logging
         handler.http_version = "1.1" if request.version == "HTTP/1.1" else "1.0"
         handler.run(server.get_app())
@@ -1823,8 +1894,20 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         return self.client_address[0]
 
     def log_request(self, code="-", size="-"):
-        if self.server.access_log:
-            super().log_request(code, size)
+        """One access-log line in the Combined Log Format (nginx's and gunicorn's), then the
+        request's duration in seconds: the client as the app saw it (REMOTE_ADDR after proxy
+        headers; ``-`` for a Unix peer without them), referer and user agent."""
+        stream = self.server.access_log
+        if not stream:
+            return
+        environ = getattr(self, "environ", {})
+        if stream is True:
+            stream = sys.stderr
+        line = '%s - - [%s] "%s" %s %s "%s" "%s" %.3f' % (
+            environ.get("REMOTE_ADDR") or "-", _log_time(), self.requestline, code, size,
+            environ.get("HTTP_REFERER", "-"), environ.get("HTTP_USER_AGENT", "-"),
+            time.monotonic() - getattr(self, "started", time.monotonic()))
+        stream.write(line.translate(_LOG_ESCAPES) + "\n")
 
     def log_message(self, format, *args):
         """One line on stderr, with control characters escaped (no log injection)."""
@@ -1891,19 +1974,29 @@ class ServerHandler(simple_server.ServerHandler):
             self.result = application(self.environ, self.start_response)
             self.finish_response()
         except _CLIENT_GONE as exc:
-            self.aborted = True
-            self.request_handler.log_error("client went away: %s", exc)
+            self._client_went_away(exc)
         except:  # noqa: E722 -- as wsgiref: whatever the app raised, answer 500
             try:
                 self.handle_error()
             except _CLIENT_GONE as exc:  # before it could hear of the error
-                self.aborted = True
-                self.close()
-                self.request_handler.log_error("client went away: %s", exc)
+                self._client_went_away(exc)
             except:  # noqa: E722
                 self.aborted = True
                 self.close()
                 raise
+
+    def _client_went_away(self, exc):
+        """One access-log line with nginx's 499 ("client closed request"), not an error; a
+        client we cut off for reading too slowly is an error too, and keeps its status.
+
+        (The app's iterable is closed already: by finish_response(), or it never came.)
+        """
+        self.aborted = True
+        code = 499
+        if isinstance(exc, _TooSlow):
+            self.request_handler.log_error("%s: cut off after %d bytes", exc, self.bytes_sent)
+            code = self._started and self.status and self.status[:3] or 499
+        self.request_handler.log_request(code, self.bytes_sent)
 
     def setup_environ(self):
         super().setup_environ()
@@ -2233,21 +2326,22 @@ class _CommandApp:
         if outcome == "client gone":
             # Nothing to answer, and no one to answer: the server logs one line for it.
             raise ConnectionAbortedError("its command was killed")
-        if outcome == "cannot start":
-            return _plain(start_response, "500 Internal Server Error",
-                          "the command could not be started")
-        if outcome == "timeout":
-            return _plain(start_response, "504 Gateway Timeout",
-                          f"the command ran for more than {self.timeout:g} s")
-        if outcome == "too much output":
-            return _plain(start_response, "502 Bad Gateway",
-                          f"the command wrote more than {self.max_output} bytes")
-        if code != 0:
-            how = f"status {code}" if code > 0 else f"signal {-code}"
-            return _plain(start_response, "500 Internal Server Error", f"the command exited with {how}")
+        if outcome != "ok" or code != 0:
+            if outcome == "ok":
+                outcome = "failed"
+            status, reason = _FAILURES[outcome]
+            reason = reason.format(timeout=self.timeout, max_output=self.max_output,
+                                   how=f"status {code}" if code and code > 0 else f"signal {-(code or 0)}")
+            if outcome != "cannot start":  # (_run has said why it could not)
+                self._log(environ, f"{self.argv[0]}: {reason}")  # the operator hears it too
+            return _plain(start_response, status, reason)
         if not self.cgi:
-            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
-                                      ("Content-Length", str(len(output)))])
+            try:
+                output.decode("utf-8")
+                kind = "text/plain; charset=utf-8"
+            except UnicodeDecodeError:
+                kind = "application/octet-stream"  # not text we can name a charset for
+            start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(output)))])
             return [output]
         try:
             status, headers, output = _parse_cgi_output(output)
@@ -2447,6 +2541,16 @@ def _nothing():
     pass
 
 
+# How a command that did not succeed is answered: the status, and the reason (the client gets
+# it in the body, the log with the request).
+_FAILURES = {
+    "cannot start": ("500 Internal Server Error", "the command could not be started"),
+    "timeout": ("504 Gateway Timeout", "the command ran for more than {timeout:g} s"),
+    "too much output": ("502 Bad Gateway", "the command wrote more than {max_output} bytes"),
+    "failed": ("500 Internal Server Error", "the command exited with {how}"),
+}
+
+
 # Linux: poll() flags a peer that hung up even while unread bytes wait (0 elsewhere).
 _CLIENT_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
                                                         select.POLLERR)
@@ -2643,7 +2747,10 @@ def _parse_command_line(argv):
     server.add_argument("--timeout", type=positive(float), default=DEFAULTS["timeout"],
                         metavar="SECONDS",
                         help="for the request head to arrive, then for each 64 KiB of its body "
-                             "or of the response (default: %(default)g); then 408 or a close")
+                             "or of the response (default: %(default)g); then 408 or a close. "
+                             "It does not bound the app: a thread cannot be killed (gunicorn "
+                             "kills a stuck worker); when every thread has been in one request "
+                             "this long, a line says so, once a minute at most")
     server.add_argument("--keep-alive", type=non_negative(float), default=DEFAULTS["keep_alive"],
                         metavar="SECONDS",
                         help="how long an idle HTTP/1.1 connection stays open (default: "
@@ -2669,13 +2776,17 @@ def _parse_command_line(argv):
                         help="TCP peers whose proxy headers are trusted (default: none)")
     server.add_argument("--script-name", metavar="/PREFIX", type=script_name, default="",
                         help="mount the app under this path; requests outside it get 404")
+    server.add_argument("--access-log", metavar="PATH|-",
+                        help="where the access log goes: a file (appended to), or - for stdout "
+                             "(what containers collect) (default: stderr)")
     server.add_argument("--quiet", action="store_true", help="no access log")
     server.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     gateway = parser.add_argument_group("the command (without --app)")
     gateway.add_argument("--cgi", action="store_true",
                          help="the output starts with CGI headers (Status:, Content-Type:, ...)")
-    gateway.add_argument("--pass-env", metavar="NAME", action="append", default=[],
-                         help="pass this variable of ours to the command (repeatable); it gets "
+    gateway.add_argument("--pass-env", metavar="NAME[,NAME...]", action="append", default=[],
+                         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                         help="pass these variables of ours to the command (repeatable); it gets "
                               "PATH and the request's CGI variables, nothing else")
     gateway.add_argument("--max-body", type=size, default="1M", metavar="SIZE",
                          help="largest request body, for stdin (default: 1M); larger gets 413")
@@ -2692,27 +2803,125 @@ def _parse_command_line(argv):
     if "--" in argv:
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1:]
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named, rather than taken for the address (--workers 2 ./app.sock)
+        options = [arg for arg in unknown if arg.startswith("-")]
+        parser.error(f"unknown option {options[0]}" if options
+                     else f"unexpected argument {unknown[0]!r}")
     if args.app and command:
         parser.error("give either --app or a COMMAND, not both")
+    if args.app:
+        defaults = vars(parser.parse_known_args([args.address])[0])
+        given = [option for option, name in _COMMAND_OPTIONS
+                 if getattr(args, name) != defaults[name]]
+        if given:
+            parser.error(f"{given[0]} is for the command app; it does nothing with --app")
     if args.forwarded_allow_ips and not args.proxy_headers:
         parser.error("--forwarded-allow-ips goes with --proxy-headers")
     return args, command
 
 
+# The command app's options: with --app they would do nothing, so they are a usage error.
+_COMMAND_OPTIONS = [("--cgi", "cgi"), ("--pass-env", "pass_env"), ("--max-body", "max_body"),
+                    ("--max-output", "max_output"), ("--command-timeout", "command_timeout"),
+                    ("--methods", "methods"), ("--max-procs", "max_procs")]
+
+
+def _access_log(args):
+    """The access log's stream: False (--quiet), True (stderr), stdout, or a file, whole lines."""
+    if args.quiet:
+        return False
+    if args.access_log is None:
+        return True
+    try:
+        if args.access_log == "-":
+            return open(sys.stdout.fileno(), "w", buffering=1, closefd=False,
+                        encoding="utf-8", errors="backslashreplace")
+        return open(args.access_log, "a", buffering=1, encoding="utf-8",
+                    errors="backslashreplace")
+    except OSError as exc:
+        raise ServeError(f"--access-log {args.access_log}: cannot open it: {exc.strerror}") from None
+
+
 def _load_app(spec):
+    """The WSGI app ``spec`` names: ``MODULE[:NAME[.NAME]]``, or ``MODULE:FACTORY(ARGS)``
+    (gunicorn's form: the factory is called once, with literal arguments only -- no eval)."""
     import importlib
-    module_name, _, attribute = spec.partition(":")
+    module_name, _, target = spec.partition(":")
+    target, arguments = target or "application", None
+    call = re.fullmatch(r"([\w.]+)\((.*)\)", target, re.S)
+    if call:
+        target, arguments = call.group(1), _literal_arguments(spec, call.group(2))
     sys.path.insert(0, os.getcwd())  # as gunicorn does: the app sits next to us
     try:
         obj = importlib.import_module(module_name)
-        for part in (attribute or "application").split("."):
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] and exc.name != module_name:
+            _print_app_traceback(exc)
+            raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
+                             f"above)") from None
+        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}") from None
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _print_app_traceback(exc)
+        raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
+                         f"above)") from None
+    for part in target.split("."):
+        try:
             obj = getattr(obj, part)
-    except Exception as exc:
-        raise ServeError(f"--app {spec}: cannot load it: {type(exc).__name__}: {exc}") from None
-    if not callable(obj):
-        raise ServeError(f"--app {spec}: {attribute or 'application'} is not callable")
+        except AttributeError:
+            raise ServeError(f"--app {spec}: {module_name} has no {target}") from None
+    if arguments is not None:
+        try:
+            obj = obj(*arguments[0], **arguments[1])
+        except Exception as exc:
+            _print_app_traceback(exc)
+            raise ServeError(f"--app {spec}: calling {target}() failed (its traceback is "
+                             f"above)") from None
+    _check_wsgi_callable(obj, spec, f"{module_name}:{target}")
     return obj
+
+
+def _literal_arguments(spec, text):
+    """(args, kwargs) of a factory call written with literals only, or ServeError."""
+    import ast
+    try:
+        node = ast.parse(f"f({text})", mode="eval").body
+        return ([ast.literal_eval(arg) for arg in node.args],
+                {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords})
+    except (SyntaxError, ValueError, TypeError):
+        raise ServeError(f"--app {spec}: the factory's arguments must be literals, like "
+                         f"create_app('production', debug=False)") from None
+
+
+def _check_wsgi_callable(obj, spec, name):
+    """Refuse at start-up what every request would answer with 500."""
+    import inspect
+    if not callable(obj):
+        raise ServeError(f"--app {spec}: {name} is not callable")
+    try:
+        inspect.signature(obj).bind(object(), object())
+    except TypeError:
+        try:
+            factory = not inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            factory = False
+        hint = f"; is it a factory? write --app '{name}()'" if factory else ""
+        raise ServeError(f"--app {spec}: {name} cannot be called with (environ, start_response), "
+                         f"so it is not a WSGI app{hint}") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): let it be
+
+
+def _print_app_traceback(exc):
+    """The app's traceback on stderr: its frames, not ours nor importlib's."""
+    import traceback
+    tb, ours = exc.__traceback__, os.path.abspath(__file__)
+    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == ours
+                              or "importlib" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
 
 
 def main(argv=None):
@@ -2727,14 +2936,17 @@ def main(argv=None):
         if args.app:
             app = _load_app(args.app)
         else:
-            app = command_app(command or DEFAULT_COMMAND, cgi=args.cgi, pass_env=args.pass_env,
+            app = command_app(command or DEFAULT_COMMAND, cgi=args.cgi,
+                              pass_env=[name for names in args.pass_env for name in names],
                               max_body=args.max_body, max_output=args.max_output,
                               timeout=args.command_timeout, methods=args.methods,
                               max_procs=args.max_procs or args.threads)
-        serve(app, address, mode=DEFAULTS["mode"] if args.mode is None else args.mode,
+        # A group is given so that its members may connect, which needs write permission.
+        mode = args.mode if args.mode is not None else 0o660 if args.group else DEFAULTS["mode"]
+        serve(app, address, mode=mode,
               group=args.group, threads=args.threads, timeout=args.timeout,
               keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
-              max_connections=args.max_connections, access_log=not args.quiet,
+              max_connections=args.max_connections, access_log=_access_log(args),
               # a command gets no more than --max-body: refuse a larger one before it comes
               max_request_body=args.max_request_body if args.app else min(args.max_request_body,
                                                                            args.max_body),
