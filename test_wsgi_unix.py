@@ -1517,6 +1517,25 @@ class ApplicationFaultTests(ServerTestCase):
         self.assertIn('"GET /error-after-headers HTTP/1.1" 200 ', lines[2])
         self.assertNotIn("GET /", server.log())  # the access log went to the file only
 
+    def test_the_access_log_to_stdout_and_a_quiet_client_that_left(self):
+        proc = subprocess.Popen([sys.executable, SERVER, "--access-log", "-", "--app",
+                                 "testapp:app", self.sock], cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        wait_for(lambda: connectable(self.sock), "the server")
+        get(self.sock)
+        self.assertIn('"GET / HTTP/1.1" 200 6 "-" "-" ', proc.stdout.readline())  # line-buffered
+        # With --quiet, a client that leaves costs no line at all (it cost one each, as errors).
+        quiet = os.path.join(self.dir, "quiet.sock")
+        server = self.start_app("--quiet", "--threads", "1", quiet)  # served in turn
+        for _ in range(5):
+            with connect(quiet) as sock:
+                sock.sendall(request_bytes("/big?10000000"))
+                sock.recv(100)
+        self.assertEqual(get(quiet)[0], 200)
+        self.assertEqual(server.log().splitlines(), [f"wsgi_unix: serving on unix:{quiet}"])
+
     def test_when_every_thread_is_stuck_a_line_says_so(self):
         server = self.start_app("--threads", "2", "--timeout", "1", self.sock)
         stuck = [unix_connection(self.sock) for _ in range(2)]
