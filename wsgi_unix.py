@@ -1162,9 +1162,10 @@ class _Engine:
             |                        |  +-- it still leads when the app returns-+
             +------------------------+-- it lost the lead ----------------------+
 
-    The leader loops: serve a ready request (inline: no hand-off, no thread start), else take
-    back what others handed over, else wait in the selector once and act on what it says --
-    accept (and read at once what came with the connection), read, decode, answer errors.
+    The leader loops: take back what others handed over, else serve a ready request (inline:
+    no hand-off, no thread start), else accept again if the last accept() found connections,
+    else wait in the selector once and act on what it says -- accept (and read at once what
+    came with the connection), read, decode, answer errors.
 
     A connection's life::
 
@@ -1175,9 +1176,9 @@ class _Engine:
     Invariants: a connection is in the selector while it is head, body, idle or linger, and
     may stay there while ready or serving (a keep-alive request costs no unregister and
     register); only the leader touches the selector, so a thread that lost the lead hands such
-    a connection back to the leader to finish with; ``open`` counts every connection from accept()
-    to close and never exceeds ``max_connections`` (when full, the one that has waited longest
-    in the selector gives way, idle ones first); an app runs only in one of the threads.
+    a connection back to the leader to finish with; ``open`` counts every connection from
+    accept() to close and never exceeds ``max_connections`` (when full, the one that has waited
+    longest in the selector gives way, idle ones first); an app runs only in one of the threads.
     """
 
     def __init__(self, server, poll_interval):
