@@ -1058,10 +1058,10 @@ class _Connection:
         self.outcome = None  # how its response ended, for the leader to act on
 
 
-# A connection's states.  In the selector: _HEAD (awaiting a request head, or the rest of one),
-# _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an error,
-# discarding what still comes).  Out of it: _READY (a whole request, queued for a thread) and
-# _SERVING (a thread runs the app).
+# A connection's states.  Waiting in the selector: _HEAD (awaiting a request head, or the rest
+# of one), _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an
+# error, discarding what still comes).  Handled by a thread: _READY (a whole request, queued)
+# and _SERVING (its app runs); a keep-alive connection may stay registered meanwhile.
 _HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING = "head", "body", "idle", "linger", "ready", "serving"
 
 
@@ -1354,23 +1354,10 @@ class _Engine:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # that client gave up (or a firewall said no): the next one
                 raise
-            sock.setblocking(False)
-            with self.lead.lock:
-                self.open += 1
-            conn = _Connection(sock, address, _RequestReader(server.max_request_body),
-                               time.monotonic() + server.timeout)
-            if self._unix and _PEERCRED is not None:
-                conn.peer = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET,
-                                                             socket.SO_PEERCRED, _PEERCRED.size))
-            if not server.verify_request(sock, address):
-                self._close(conn)
-                continue
-            if server.allow_uids is not None and conn.peer[1] not in server.allow_uids:
-                # Refused now, not after its request: a disallowed user holds no slot.
-                self._refuse_at_once(conn, _HTTPError(403, f"uid {conn.peer[1]} may not connect"))
+            conn = self._admit(sock, address, time.monotonic() + server.timeout)
+            if conn is None:
                 continue
             accepted += 1
-            self._on_readable(conn)  # a Unix client's request is usually there already
             if conn.state == _READY and not self._accept_next:
                 # The first after a select(): serve it before another accept(), which would
                 # find nothing when clients come one at a time, and cost this one latency.
@@ -1378,6 +1365,27 @@ class _Engine:
         # After that, accept in batches: measured with 16 clients that reconnect at once,
         # accepting all that wait, then serving them: 21k req/s; accept-serve-accept: 15k.
         self._accept_next = (self._accept_next or ACCEPTS_IN_A_ROW) if accepted else 0
+
+    def _admit(self, sock, address, deadline):
+        """A new connection: counted, checked (verify_request, --allow-uid), and read at once
+        (a Unix client's request is usually there already).  None if it was refused."""
+        server = self.server
+        sock.setblocking(False)
+        with self.lead.lock:
+            self.open += 1
+        conn = _Connection(sock, address, _RequestReader(server.max_request_body), deadline)
+        if self._unix and _PEERCRED is not None:
+            conn.peer = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_PEERCRED, _PEERCRED.size))
+        if not server.verify_request(sock, address):
+            self._close(conn)
+            return None
+        if server.allow_uids is not None and conn.peer[1] not in server.allow_uids:
+            # Refused now, not after its request: a disallowed user holds no slot.
+            self._refuse_at_once(conn, _HTTPError(403, f"uid {conn.peer[1]} may not connect"))
+            return None
+        self._on_readable(conn)
+        return conn
 
     def _pause_accepting(self, until):
         if self.accepting:
@@ -1559,12 +1567,7 @@ class _Engine:
                     sock, address = self.listener.accept()
                 except OSError:
                     break
-                sock.setblocking(False)
-                with self.lead.lock:
-                    self.open += 1
-                conn = _Connection(sock, address, _RequestReader(self.server.max_request_body),
-                                   now + STOP_LINGER)
-                self._on_readable(conn)
+                self._admit(sock, address, now + STOP_LINGER)
         # An inherited socket stays open and listening: systemd keeps it for the next start.
         if self.accepting:
             self.selector.unregister(self.listener)
