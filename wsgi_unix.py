@@ -2125,6 +2125,10 @@ class ServerHandler(simple_server.ServerHandler):
             self._body_sent += len(data)
         elif self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._send(data)
+
+    def _send(self, data):
+        """Send framed bytes, after the head if it has not gone out yet (one send for both)."""
         if self._head:
             data, self._head = self._head + data, b""
         if data:
@@ -2140,18 +2144,12 @@ class ServerHandler(simple_server.ServerHandler):
             self.send_headers()
             self._write(data)
         elif self._chunked:
-            self._write_raw(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")  # the last chunk: the response is whole
         elif self._length is not None and self._body_sent < self._length and not self._no_body:
             self.aborted = True  # the client would wait for the rest
             self.request_handler.log_error("the app sent %d of the %d bytes of its Content-Length",
                                            self._body_sent, self._length)
-        if self._head:
-            self._write(b"")
-
-    def _write_raw(self, data):
-        if self._head:
-            data, self._head = self._head + data, b""
-        self.stdout.write(data)
+        self._send(b"")  # the head of a response without a body
 
     def sendfile(self):
         """Send a wsgi.file_wrapper around a real file with os.sendfile (no copies)."""
@@ -2168,7 +2166,7 @@ class ServerHandler(simple_server.ServerHandler):
         else:
             self.headers["Content-Length"] = str(count)
         self.send_headers()
-        self._write(b"")  # the head
+        self._send(b"")  # the head
         if not self._no_body and count:
             self._body_sent = self.bytes_sent = _send_file(
                 self.request_handler.connection, file.fileno(), offset, count, self.stdout.progress)
