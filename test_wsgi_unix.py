@@ -3272,6 +3272,22 @@ class StopTests(ServerTestCase):
             self.assertTrue(responses.closed())
         self.assertEqual(server.wait(), 0)
 
+    def test_a_request_on_an_idle_connection_just_after_sigterm_is_served_not_reset(self):
+        # A proxy's pooled connection may carry a request at the moment we stop: it gets an
+        # answer that says Connection: close, not a reset.
+        server = self.start_app("--quiet", self.sock)
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/", close=False))
+            Responses(sock).next()
+            server.signal(signal.SIGTERM)
+            wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
+            sock.sendall(request_bytes("/", close=False))
+            responses = Responses(sock)
+            version, status, headers, body = responses.next()
+            self.assertEqual((status, headers.get("connection"), body), (200, "close", b"hello\n"))
+            self.assertTrue(responses.closed())
+        self.assertEqual(server.wait(), 0)
+
     def inherited_listener(self):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.sock)

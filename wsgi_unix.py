@@ -129,7 +129,7 @@ ACCEPTS_IN_A_ROW = 16
 # for longer, by someone who may read the directory), at start-up and at exit.
 LOCK_WAIT = 5.0
 STOP_LOCK_WAIT = 2.0
-# How long a stopping server waits for connections it accepted to send their request.
+# How long a stopping server waits for connections it accepted, or idle ones, to send a request.
 STOP_LINGER = 1.0
 
 
@@ -1554,8 +1554,9 @@ class _Engine:
     # -- stopping --
 
     def begin_stop(self):
-        """Stop accepting (the leader does it), close idle connections, answer the rest with
-        Connection: close.  Safe from any thread but a signal handler."""
+        """Stop accepting (the leader does it), close idle connections after STOP_LINGER,
+        answer every request with Connection: close.  Safe from any thread but a signal
+        handler."""
         self.stopping = True
         self.wake()
 
@@ -1575,9 +1576,10 @@ class _Engine:
         if not self.server.listen_address.inherited:
             self.listener.close()
         for conn in list(self.waiting):
-            if conn.state == _IDLE:
-                self._close(conn)
-            elif conn.state == _HEAD and not conn.reader.buffer:
+            if conn.state in (_IDLE, _HEAD) and not conn.reader.buffer:
+                # A proxy may be sending a request on its idle connection right now: closing
+                # would reset it (nginx retries, and logs an error).  It has STOP_LINGER to
+                # arrive, and is answered with Connection: close.
                 conn.deadline = min(conn.deadline, now + STOP_LINGER)
         with self.lead.lock:  # only now: what was accepted above counts in ``open`` already
             self._stop_done = True
