@@ -188,6 +188,9 @@ def app(environ, start_response):
         seen.add(os.fstat(environ["wsgi_unix.socket"].fileno()).st_ino)  # one per socket
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % len(seen)]
+    if path == "/pid":  # which process served it (workers)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % os.getpid()]
     if path == "/peak":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % peak]
@@ -1800,6 +1803,8 @@ class CommandLineTests(ServerTestCase):
     def test_usage_errors_exit_2_and_help_and_version_exit_0(self):
         self.assertOneLineError([], 2, "ADDRESS")
         self.assertOneLineError(["--threads", "0", self.sock], 2, "--threads")
+        self.assertOneLineError(["--workers", "0", self.sock], 2, "--workers")
+        self.assertOneLineError(["--workers", "1.5", self.sock], 2, "--workers")
         self.assertOneLineError(["--mode", "999", self.sock], 2, "--mode")
         self.assertOneLineError(["--timeout", "nan", self.sock], 2, "--timeout")
         self.assertOneLineError(["--graceful-timeout", "inf", self.sock], 2, "--graceful-timeout")
@@ -1822,7 +1827,7 @@ class CommandLineTests(ServerTestCase):
             self.assertOneLineError([typed], 2, right)
         self.assertEqual([name for name in os.listdir(self.dir) if not name.endswith(".py")], [])
         # An unknown option is named, not the address after it.
-        line = self.assertOneLineError(["--workers", "2", self.sock], 2, "unknown option --workers")
+        line = self.assertOneLineError(["--bind", "2", self.sock], 2, "unknown option --bind")
         self.assertNotIn("app.sock", line)
 
     def test_command_app_options_with_app_are_usage_errors(self):
@@ -2184,8 +2189,10 @@ def free_port():
         return sock.getsockname()[1]
 
 
-class NginxTests(ServerTestCase):
+class NginxCase(ServerTestCase):
     """Real nginx in front, configured with the README's own snippet."""
+
+    server_args = ()  # added to the README's command line
 
     def setUp(self):
         super().setUp()
@@ -2234,7 +2241,7 @@ http {{
         self.assertIsNone(self.nginx.poll(), self.nginx.stderr.read())
         # The README's command line, with the test's app and socket.
         self.server = self.start("--mode", "660", "--group", "www-data", "--proxy-headers",
-                                 "--app", "testapp:app", self.sock)
+                                 *self.server_args, "--app", "testapp:app", self.sock)
 
     def port_open(self):
         with socket.socket() as sock:
@@ -2249,6 +2256,8 @@ http {{
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
         return exchange(conn, method, url, body, headers)
 
+
+class NginxTests(NginxCase):
     def test_requests_pass_through_nginx_intact(self):
         self.assertEqual(self.fetch("GET", "/")[0::2], (200, b"hello\n"))
         status, response, body = self.fetch("HEAD", "/")
@@ -3421,6 +3430,306 @@ class APITests(ServerTestCase):
     def test_public_names_have_docstrings(self):
         for name in wsgi_unix.__all__:
             self.assertTrue(getattr(wsgi_unix, name).__doc__, name)
+
+
+# --- Worker processes ---------------------------------------------------------------------
+
+def children(pid):
+    """The pids of ``pid``'s children that still run (from /proc)."""
+    found = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(child) for child in f.read().split())
+    except OSError:
+        pass
+    return {child for child in found if process_alive(child)}
+
+
+def worker_pids(line):
+    """The pids a readiness line ("... with 2 workers (pids 12 13)") names."""
+    return {int(pid) for pid in line.rsplit("(pids ", 1)[1].rstrip(")").split()}
+
+
+class WorkerTests(ServerTestCase):
+    def start_workers(self, count=2, *args, **kwargs):
+        server = self.start_app("--workers", str(count), *args, self.sock, **kwargs)
+        pids = worker_pids(server.wait_ready())
+        self.assertEqual(len(pids), count)
+        return server, pids
+
+    def served_by(self, count=20):
+        return {int(get(self.sock, "/pid")[2]) for _ in range(count)}
+
+    def test_n_workers_serve_one_socket_and_sigterm_leaves_nothing(self):
+        server, pids = self.start_workers(3)
+        self.assertEqual(children(server.proc.pid), pids)  # the master's children, in /proc
+        self.assertIn(f"serving on unix:{self.sock} with 3 workers", server.wait_ready())
+        for pid in pids:  # each worker is a wsgi_unix process, not the master
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                self.assertIn(b"wsgi_unix.py", f.read())
+        served = set()
+        for _ in range(5):  # concurrent requests reach more than one worker
+            run_together(lambda: served.add(int(get(self.sock, "/pid?")[2])), 12)
+        self.assertTrue(served <= pids, (served, pids))
+        self.assertNotIn(server.proc.pid, served)  # the master serves nothing itself
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.lexists(self.sock))
+        for pid in pids:
+            wait_for(lambda: not process_alive(pid), f"worker {pid} to exit")
+
+    def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(self):
+        server, pids = self.start_workers(2)
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        line = server.wait_line(f"worker {victim} was killed by SIGKILL")
+        self.assertIn("starting another", line)
+        now = wait_for(lambda: len(children(server.proc.pid)) == 2 and children(server.proc.pid),
+                       "a replacement")
+        self.assertNotIn(victim, now)
+        self.assertIn(max(pids), now)  # the other one was left alone
+        for _ in range(50):
+            self.assertEqual(get(self.sock)[0], 200)
+        new = (now - pids).pop()
+        os.kill(new, signal.SIGKILL)  # and the replacement can be replaced in turn
+        server.wait_line(f"worker {new} was killed by SIGKILL")
+        wait_for(lambda: len(children(server.proc.pid)) == 2, "another replacement")
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_an_app_that_cannot_load_at_start_up_fails_once_with_status_1(self):
+        with open(os.path.join(self.dir, "broken.py"), "w") as f:
+            f.write("import json\nraise RuntimeError('no database')\n")
+        server = self.start("--workers", "4", "--app", "broken:app", self.sock, ready=False)
+        self.assertEqual(server.wait(), 1)
+        log = server.log()
+        self.assertEqual(log.count("Traceback"), 1, log)  # one worker tried, not four
+        self.assertEqual(log.count("RuntimeError: no database"), 1, log)
+        self.assertIn("the first worker exited with status 1 before it served", log.splitlines()[-1])
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_a_worker_that_keeps_failing_backs_off_and_the_master_gives_up(self):
+        marker = os.path.join(self.dir, "broken")
+        with open(os.path.join(self.dir, "flaky.py"), "w") as f:
+            f.write(f"import os\nif os.path.exists({marker!r}):\n"
+                    f"    raise RuntimeError('the deploy is broken')\n"
+                    f"from testapp import app\n")
+        server = self.start("--workers", "2", "--app", "flaky:app", self.sock)
+        pids = worker_pids(server.wait_ready())
+        open(marker, "w").close()
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        server.wait_line("starting another in 0.2 s")
+        self.assertEqual(get(self.sock, "/pid")[2], b"%d" % max(pids))  # the other still serves
+        self.assertEqual(server.wait(), 1)
+        elapsed = time.monotonic() - killed
+        lines = server.log().splitlines()
+        delays = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in lines
+                  if "starting another in" in line]
+        self.assertEqual(delays, [0.1, 0.2, 0.4, 0.8][-len(delays):], lines)  # doubling
+        self.assertGreaterEqual(len(delays), 3, lines)
+        self.assertGreater(elapsed, sum(delays))  # it waited: no spin
+        self.assertIn("workers keep failing within 1 s of their start (5 in a row", lines[-1])
+        self.assertFalse(os.path.lexists(self.sock))
+        wait_for(lambda: not process_alive(max(pids)), "the last worker to exit")
+
+    def test_a_worker_never_outlives_its_master(self):
+        server, pids = self.start_workers(2)
+        server.proc.kill()  # SIGKILL: the master cannot tell anyone
+        server.wait()
+        for pid in pids:
+            wait_for(lambda: not process_alive(pid), f"worker {pid} to follow its master")
+
+    def test_a_second_sigterm_stops_the_workers_at_once_with_status_1(self):
+        server, pids = self.start_workers(2, "--graceful-timeout", "30")
+        stuck = connect(self.sock)
+        stuck.sendall(request_bytes("/forever"))
+        server.wait_line("app: /forever started")
+        server.signal(signal.SIGTERM)
+        started = time.monotonic()
+        wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 1)
+        self.assertLess(time.monotonic() - started, 5.0)  # not the 30 s grace
+        self.assertIn("stopped at once by a second signal", server.log().splitlines()[-1])
+        for pid in pids:
+            wait_for(lambda: not process_alive(pid), f"worker {pid} to exit")
+        stuck.close()
+
+    def test_sigterm_to_every_process_at_once_is_one_graceful_stop(self):
+        # systemd's KillMode=control-group and Ctrl-C signal the master and each worker.
+        server, pids = self.start_workers(2)
+        slow = connect(self.sock)
+        slow.sendall(request_bytes("/slow?0.5"))
+        server.wait_line("app: /slow started")
+        for pid in [server.proc.pid] + sorted(pids):
+            os.kill(pid, signal.SIGTERM)
+        self.assertEqual(Responses(slow).next()[1], 200)  # finished, not cut
+        self.assertEqual(server.wait(), 0)
+        self.assertNotIn("at once", server.log())
+        slow.close()
+
+    def test_one_log_of_whole_lines_and_worker_lines_carry_their_pid(self):
+        server, pids = self.start_workers(2)
+        run_together(lambda: [get(self.sock, "/" + "x" * 2000) for _ in range(10)], 20)
+        victim = min(pids)
+        os.kill(victim, signal.SIGUSR1)
+        server.wait_line(f"wsgi_unix[{victim}]: SIGUSR1 means nothing here")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        access = [line for line in server.log().splitlines() if '"GET /xx' in line]
+        self.assertEqual(len(access), 200)
+        for line in server.log().splitlines():
+            self.assertRegex(line, r'^(wsgi_unix(\[\d+\])?: |- - - \[[^]]+\] "GET /x{2000} '
+                                   r'HTTP/1.1" 404 10 "-" "-" \d+\.\d{3}$)')
+
+    def test_sighup_starts_new_workers_and_the_old_finish_their_requests(self):
+        server, pids = self.start_workers(2)
+        slow = connect(self.sock)
+        slow.sendall(request_bytes("/slow?1"))
+        server.wait_line("app: /slow started")
+        server.signal(signal.SIGHUP)
+        line = server.wait_line("reloaded: workers")
+        new = {int(pid) for pid in line.split("workers ", 1)[1].split(" serve")[0].split()}
+        self.assertEqual(len(new), 2)
+        self.assertFalse(new & pids)
+        self.assertEqual(Responses(slow).next()[1], 200)  # the old worker finished it
+        wait_for(lambda: children(server.proc.pid) == new, "the old workers to exit")
+        self.assertTrue(self.served_by() <= new)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        slow.close()
+
+    def test_a_reload_whose_code_cannot_load_keeps_the_old_workers(self):
+        app = os.path.join(self.dir, "deployed.py")
+        with open(app, "w") as f:
+            f.write("from testapp import app\n")
+        server = self.start("--workers", "2", "--app", "deployed:app", self.sock)
+        pids = worker_pids(server.wait_ready())
+        with open(app, "a") as f:
+            f.write("raise SyntaxError('half a deploy')\n")
+        server.signal(signal.SIGHUP)
+        server.wait_line("reload failed: the first new worker exited with status 1")
+        self.assertEqual(server.log().count("Traceback"), 1)  # one new worker tried
+        self.assertEqual(children(server.proc.pid), pids)
+        self.assertTrue(self.served_by() <= pids)
+        with open(app, "w") as f:  # the deploy is mended: the next reload takes
+            f.write("from testapp import app\n")
+        server.signal(signal.SIGHUP)
+        server.wait_line("reloaded: workers")
+        wait_for(lambda: children(server.proc.pid).isdisjoint(pids), "the old workers to exit")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_the_command_app_in_workers_kills_what_its_commands_leave(self):
+        pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
+        server = self.start("--workers", "2", "--graceful-timeout", "1", self.sock, "--", "sh",
+                            "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
+                                  f"echo $$ > {pidfile}; exec sleep 300")
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        daemon = wait_for(lambda: read_pid(daemonfile), "the daemon to start")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        wait_for(lambda: not process_alive(pid), "the command to die with its worker")
+        wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with its worker")
+        client.close()
+
+    def test_serve_takes_workers_and_make_server_does_not(self):
+        script = ("import sys, wsgi_unix\n"
+                  "wsgi_unix.serve('testapp:app', sys.argv[1], workers=2, access_log=False)\n")
+        server = self.start(command=[sys.executable, "-c", script, self.sock],
+                            env={"PATH": os.environ["PATH"], "PYTHONPATH": HERE})
+        self.assertIn("with 2 workers", server.wait_ready())
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+        with self.assertRaisesRegex(ValueError, "workers=0"):
+            wsgi_unix.serve("testapp:app", self.sock, workers=0)
+        with self.assertRaisesRegex(TypeError, "workers must be a number"):
+            wsgi_unix.serve("testapp:app", self.sock, workers="2")
+        with self.assertRaisesRegex(TypeError, "workers is serve"):
+            wsgi_unix.make_server(self.sock, lambda environ, start_response: [], workers=2)
+        running = threading.Event()
+        thread = threading.Thread(target=running.wait)
+        thread.start()
+        try:
+            with self.assertRaisesRegex(wsgi_unix.ServeError, "before starting any thread"):
+                wsgi_unix.serve("testapp:app", self.sock, workers=2)  # a fork now is refused
+        finally:
+            running.set()
+            thread.join()
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_workers_on_an_inherited_socket_under_systemd_socket_activate(self):
+        activate = require_tool(self, "systemd-socket-activate")
+        notify = os.path.join(self.dir, "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(notify)
+        listener.settimeout(DEADLINE)
+        self.addCleanup(listener.close)
+        server = self.start(ready=False, command=[
+            activate, "-l", self.sock, "-E", "NOTIFY_SOCKET", sys.executable, SERVER,
+            "--workers", "2", "--app",
+            "testapp:app", "fd:3"], env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": notify})
+        wait_for(lambda: os.path.exists(self.sock), "systemd-socket-activate to listen")
+        self.assertEqual(get(self.sock)[0], 200)  # the first connection starts the service
+        self.assertEqual(listener.recv(100), b"READY=1")  # once, from the master
+        pids = worker_pids(server.wait_line("serving on fd:3 with 2 workers"))
+        self.assertNotIn("NOTIFY_SOCKET", json.loads(get(self.sock, "/osenv")[2]))
+        server.signal(signal.SIGHUP)
+        self.assertRegex(listener.recv(100), rb"^RELOADING=1\nMONOTONIC_USEC=\d+$")
+        self.assertEqual(listener.recv(100), b"READY=1")
+        wait_for(lambda: children(server.proc.pid).isdisjoint(pids), "the old workers to exit")
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(listener.recv(100), b"STOPPING=1")
+        self.assertEqual(server.wait(), 0)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # systemd's, not ours
+
+
+class WorkerNginxTests(NginxCase):
+    server_args = ("--workers", "2")
+
+    def test_sighup_under_load_through_nginx_loses_no_request(self):
+        pids = worker_pids(self.server.wait_ready())
+        done, errors, stop = [], [], threading.Event()
+
+        def client():  # about 50 requests/s each, through nginx's keep-alive pool
+            while not stop.is_set():
+                try:
+                    status = self.fetch("GET", "/counted?0.005")[0]
+                    (done if status == 200 else errors).append(status)
+                except (OSError, http.client.HTTPException) as exc:
+                    errors.append(repr(exc))
+                stop.wait(0.02)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for reload in (1, 2):
+                before = len(done)
+                wait_for(lambda: len(done) > before + 100, "requests to be served")
+                self.server.signal(signal.SIGHUP)
+                wait_for(lambda: self.server.log().count("reloaded: workers") == reload,
+                         "the reload")
+            before = len(done)
+            wait_for(lambda: len(done) > before + 100, "requests after the reloads")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(DEADLINE)
+        self.assertEqual(errors, [])
+        now = children(self.server.proc.pid)
+        wait_for(lambda: len(children(self.server.proc.pid)) == 2, "the old workers to exit")
+        self.assertTrue(children(self.server.proc.pid).isdisjoint(pids))
+        with open(self.error_log) as f:
+            self.assertNotIn("[error]", f.read())
+        del now
 
 
 if __name__ == "__main__":

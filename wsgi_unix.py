@@ -21,11 +21,13 @@ It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref f
   wait in a selector and hold no thread, and request bodies are received before the app runs;
 - a strict request parser with wsgiref's limits that drops header names containing "_";
 - nothing from ``os.environ`` reaches the application (wsgiref copies all of it, secrets included);
-- SIGTERM and SIGINT stop it gracefully: no new connections, requests in flight may finish.
+- SIGTERM and SIGINT stop it gracefully: no new connections, requests in flight may finish;
+- ``--workers N``: N processes on one socket, a master that replaces one that dies and
+  reloads them all on SIGHUP without losing a request.
 
-What it deliberately does not do: TLS, HTTP/2, worker processes or reloading.  Put nginx in
-front for the first two, and use gunicorn or uWSGI when you need the rest; the same WSGI app
-runs there unchanged.
+What it deliberately does not do: TLS, HTTP/2, killing a request that runs too long.  Put
+nginx in front for the first two, and use gunicorn or uWSGI when you need the rest; the same
+WSGI app runs there unchanged.
 
 Map of this file (each section reads alone):
 
@@ -35,11 +37,13 @@ Map of this file (each section reads alone):
   §4 socket I/O              the progress rule, sending with deadlines, the received body
   §5 the engine              connections, the selector, leader/follower threads, stopping
   §6 wsgiref glue            WSGIServer, WSGIRequestHandler, ServerHandler (response framing)
-  §7 API                     make_server, serve
-  §8 the example app         command_app: a command per request
-  §9 CLI                     argparse from DEFAULTS, main
+  §7 worker processes        the master: forks, replaces, reloads and stops the workers
+  §8 API                     make_server, serve
+  §9 the example app         command_app: a command per request
+  §10 CLI                    argparse from DEFAULTS, main
 
-To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6.
+To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6;
+how processes are managed, §7.
 """
 
 import atexit
@@ -75,6 +79,7 @@ __all__ = [
 ]
 
 PROG = "wsgi_unix"
+_WHO = PROG  # how our log lines begin; a worker process adds its pid: wsgi_unix[1234]
 SERVER_SOFTWARE = "wsgi_unix/" + __version__
 
 
@@ -85,6 +90,8 @@ SERVER_SOFTWARE = "wsgi_unix/" + __version__
 DEFAULTS = {
     "mode": 0o600,               # the socket file's mode (660 with a group for nginx)
     "group": None,               # the socket file's group (None: the process's)
+    "workers": 1,                # processes (serve() and the CLI only); above 1, a master
+                                 # forks them, replaces those that die, reloads on SIGHUP
     "threads": 8,                # threads that run the app: at most this many requests at once
     "timeout": 30.0,             # for a request head to arrive; then per MIN_PROGRESS_BYTES
     "keep_alive": 180.0,         # idle time of a persistent connection (0: one request each);
@@ -131,6 +138,14 @@ LOCK_WAIT = 5.0
 STOP_LOCK_WAIT = 2.0
 # How long a stopping server waits for connections it accepted, or idle ones, to send a request.
 STOP_LINGER = 1.0
+# A worker process that ends within WORKER_QUICK_DEATH seconds of its start (or before it
+# serves) failed to start: the next one waits WORKER_RETRY seconds, doubled for each such
+# failure in a row, and after WORKER_GIVE_UP in a row the master stops (a broken deploy must
+# not spin).  A stopping worker gets --graceful-timeout plus WORKER_KILL_AFTER, then SIGKILL.
+WORKER_QUICK_DEATH = 1.0
+WORKER_RETRY = 0.1
+WORKER_GIVE_UP = 5
+WORKER_KILL_AFTER = 5.0
 
 
 def _checked(settings):
@@ -143,7 +158,7 @@ def _checked(settings):
             raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
         if not (value > low if above else value >= low) or value != value or value == float("inf"):
             raise ValueError(f"{name}={value!r}: must be {'above' if above else 'at least'} {low}")
-    for name in ("threads", "max_connections"):
+    for name in ("workers", "threads", "max_connections"):
         number(name, 1, integer=True)
     for name in ("timeout", "graceful_timeout"):
         number(name, 0, above=True)
@@ -500,6 +515,13 @@ class ListenAddress:
                     time.sleep(0.05)
             self._unlink_own_file()
         finally:
+            os.close(directory)
+
+    def disown(self):
+        """Forget the socket file without removing it: in a forked worker, whose copy of this
+        object must never remove what the master owns."""
+        directory, self._directory, self._identity = self._directory, None, None
+        if directory is not None:
             os.close(directory)
 
     def _unlink_own_file(self):
@@ -1561,7 +1583,7 @@ class _Engine:
         self.wake()
 
     def _stop_accepting(self, now):
-        if not self.server.listen_address.inherited:
+        if not self.server.leave_backlog:
             # Serve what is queued already (a Unix socket's file is gone: nothing new comes).
             while True:
                 try:
@@ -1639,6 +1661,8 @@ class WSGIServer(simple_server.WSGIServer):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
+        if "workers" in settings:
+            raise TypeError("workers is serve()'s keyword: a WSGIServer is one process")
         settings = _checked(dict(DEFAULTS, **settings))
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
         allow_uids = settings["allow_uids"]
@@ -1668,6 +1692,9 @@ class WSGIServer(simple_server.WSGIServer):
         self._engine = None
         self._logged = set()  # messages said once
         self.on_ready = None  # see serve_forever()
+        # At a stop, leave the connections queued in the backlog to whoever else listens on
+        # the socket (systemd's next start, the other workers), rather than serve them first.
+        self.leave_backlog = self.listen_address.inherited
         if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
                                             or _PEERCRED is None):
             self.server_close()
@@ -1682,6 +1709,13 @@ class WSGIServer(simple_server.WSGIServer):
         self.listen_address.remove_socket_file()
         self._stop_r.close()
         self._stop_w.close()
+
+    def _disown(self):
+        """In a forked child: close its copies of our descriptors, and leave the socket
+        file -- the parent's -- alone."""
+        self.listen_address.disown()
+        for sock in (self.socket, self._stop_r, self._stop_w):
+            sock.close()
 
     def request_stop(self, at_once=False):
         """Ask serve_forever() to stop, without waiting.  Safe in a signal handler.
@@ -1800,7 +1834,7 @@ class WSGIServer(simple_server.WSGIServer):
             if once:
                 self._logged.add(message)
             message = message.translate(_LOG_ESCAPES)
-            sys.stderr.write(f"{PROG}: {message}\n" if prefix else message + "\n")
+            sys.stderr.write(f"{_WHO}: {message}\n" if prefix else message + "\n")
 
 
 def _log_time():
@@ -2179,63 +2213,446 @@ class ServerHandler(simple_server.ServerHandler):
         pass
 
 
-# --- §7 API -------------------------------------------------------------------------------
+# --- §7 Worker processes ------------------------------------------------------------------
+
+class _Worker:
+    """One worker process, as its master sees it."""
+
+    def __init__(self, pid, generation, channel):
+        self.pid, self.generation, self.channel = pid, generation, channel
+        self.started = time.monotonic()
+        self.ready = False      # it said it serves
+        self.retiring = False   # it was told to stop
+        self.heard_end = False  # its end of the channel is closed: it is exiting
+
+
+class _Master:
+    """``workers`` processes serving one listening socket; the master serves nothing itself.
+
+    The master binds the address (a WSGIServer it never runs holds the socket and its file;
+    only the master removes that file), then forks the workers.  Each loads the app after the
+    fork (so that a reload loads new code), runs serve_forever() on its copy of the socket
+    with ``threads`` threads, and writes "R" on its channel -- a socketpair -- once it serves.
+    The master stops a worker gracefully by writing on that channel; a worker also stops when
+    the channel ends, so that none outlives a master that was killed.  A worker's signals are
+    a single process's (a second SIGTERM stops it at once): so the master never signals a
+    worker for a graceful stop, and a SIGTERM sent to every process of the group (systemd's
+    KillMode, Ctrl-C) is still one signal to each.
+
+    Generations: the start, and each SIGHUP, make a new one.  Its first worker starts alone,
+    the others once it serves -- an app that cannot load fails once, not N times.  When all
+    of a generation serve, the older workers are told to stop (each finishes its requests;
+    the new ones accept meanwhile, so a reload loses nothing).  If a new generation's first
+    worker dies before it serves, a start-up fails (exit 1) and a reload is abandoned: the
+    old workers keep serving.
+
+    A worker's life::
+
+        forked --("R")--> serving --(told to stop)--> retiring --(exits)--> reaped
+           |                 +--(dies)--> reaped, replaced: at once if it served for
+           +--(dies)--> reaped: failed to start    WORKER_QUICK_DEATH, else after a backoff
+
+    Invariants: the master forks only from its one thread, with the signals it handles
+    blocked, and the child resets them before it unblocks them; a child never returns into the
+    master's code (it ends with os._exit(), after the atexit handlers); the master's loop does
+    everything -- signal handlers only queue the signal.
+    """
+
+    def __init__(self, app, address, workers, options):
+        self.app = app  # a WSGI callable (forked with us), or "MODULE:CALLABLE" (each loads it)
+        self.address, self.count, self.options = address, workers, options
+        self.server = None
+        self.workers = {}  # pid -> _Worker
+        self.generation = 0
+        self.proven = False  # a worker of this generation has served
+        self.announced = self.reloading = self.stopping = self.at_once = False
+        self.kill_at = None
+        self.failures, self.last_failure, self.retry_at = 0, 0.0, 0.0
+        self.signals = deque()
+        self.error = None  # why the master stops with exit 1
+
+    def run(self):
+        if threading.current_thread() is not threading.main_thread():
+            raise ServeError("workers need the main thread: it handles SIGCHLD and SIGHUP")
+        if threading.active_count() > 1:
+            raise ServeError(f"workers are forked, and a fork copies no thread but the caller: "
+                             f"call serve(..., workers=N) before starting any thread "
+                             f"({threading.active_count()} run now)")
+        with WSGIServer(self.address, **self.options) as self.server:
+            _warn_about(self.server, self.options)
+            self.wake_r, self.wake_w = os.pipe()
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
+            handlers = {signum: signal.signal(signum, self._queue) for signum in self.handled()}
+            wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+            try:
+                self.generation = 1
+                self._loop()
+            finally:
+                signal.set_wakeup_fd(wakeup)
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                for worker in self.workers.values():  # after a bug of ours: they see the end
+                    worker.channel.close()
+        if self.error:
+            raise ServeError(f"{self.server}: {self.error}")
+        if self.at_once:
+            raise ServeError(f"{self.server}: stopped at once by a second signal; requests in "
+                             f"flight were cut")
+
+    @staticmethod
+    def handled():
+        return [signum for signum, _ in _SIGNALS] + [signal.SIGCHLD]
+
+    def _queue(self, signum, frame):
+        self.signals.append(signum)
+
+    def _loop(self):
+        while True:
+            now = time.monotonic()
+            self._reap(now)
+            while self.signals:
+                self._on_signal(self.signals.popleft(), now)
+            if self.stopping:
+                if not self.workers:
+                    return
+                if now >= self.kill_at:
+                    for worker in self.workers.values():
+                        self.server.log_line(f"worker {worker.pid} still runs "
+                                             f"{self.server.graceful_timeout + WORKER_KILL_AFTER:g}"
+                                             f" s after the stop began: killed")
+                        os.kill(worker.pid, signal.SIGKILL)
+                    self.kill_at = float("inf")
+            else:
+                self._keep_up(now)
+            self._wait(now)
+
+    def _wait(self, now):
+        """Sleep until a signal, a worker's word, or the next thing due."""
+        until = now + 1.0
+        if self.stopping:
+            until = min(until, self.kill_at)
+        elif self.retry_at > now:
+            until = min(until, self.retry_at)
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        listening = {}
+        for worker in self.workers.values():
+            if not worker.heard_end:
+                poller.register(worker.channel, select.POLLIN)
+                listening[worker.channel.fileno()] = worker
+        for fd, _ in poller.poll(max(0.0, until - now) * 1000):
+            if fd == self.wake_r:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            worker = listening[fd]
+            try:
+                said = worker.channel.recv(16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                said = b""
+            if not said:
+                worker.heard_end = True  # it is exiting: SIGCHLD follows
+            elif b"R" in said and not worker.ready:
+                worker.ready = True
+                if worker.generation == self.generation:
+                    self.proven = True
+
+    def _on_signal(self, signum, now):
+        if signum == signal.SIGCHLD:
+            return
+        if dict(_SIGNALS).get(signum) == "ignore":
+            self.server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored "
+                                 f"(SIGTERM stops, SIGHUP reloads)")
+        elif signum == signal.SIGHUP:
+            if self.stopping:
+                return
+            self.generation += 1
+            self.proven, self.reloading = False, True
+            self.failures, self.retry_at = 0, 0.0  # a deliberate new start
+            _notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
+            for worker in self.workers.values():
+                if not worker.ready:  # of an unfinished reload: not worth waiting for
+                    self._retire(worker)
+            self.server.log_line(f"SIGHUP: reloading: starting {self.count} new workers")
+        elif self.stopping:  # a second one: the workers stop at once too
+            self.at_once = True
+            for worker in self.workers.values():
+                # Two signals, as a second Ctrl-C is (two of one kind could merge in one).
+                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGINT)
+        else:
+            self._stop(now)
+
+    def _stop(self, now):
+        self.stopping = True
+        _notify_systemd("STOPPING=1")
+        if self.server.listen_address.kind == "unix":
+            # Without its file no one can connect any more; the workers serve the backlog.
+            self.server.listen_address.remove_socket_file()
+        for worker in self.workers.values():
+            self._retire(worker)
+        self.kill_at = now + self.server.graceful_timeout + WORKER_KILL_AFTER
+
+    def _retire(self, worker):
+        worker.retiring = True
+        try:
+            worker.channel.send(b"S")
+        except OSError:
+            pass  # it is gone already
+
+    def _keep_up(self, now):
+        """Start what is missing of this generation; once all of it serves, retire the rest."""
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and not w.retiring]
+        if len(current) < self.count and now >= self.retry_at:
+            for _ in range(self.count - len(current) if self.proven else 1 - len(current)):
+                current.append(self._spawn())
+        if self.failures and any(w.ready and w.started > self.last_failure
+                                 and now - w.started >= WORKER_QUICK_DEATH for w in current):
+            self.failures = 0
+        if not (self.proven and len(current) == self.count and all(w.ready for w in current)):
+            return
+        old = [w for w in self.workers.values() if w.generation != self.generation
+               and not w.retiring]
+        for worker in old:
+            self._retire(worker)
+        pids = " ".join(str(w.pid) for w in current)
+        if not self.announced:  # (a SIGHUP before it counts as no reload)
+            self.announced, self.reloading = True, False
+            sys.stderr.write(f"{PROG}: serving on {self.server} with {self.count} workers "
+                             f"(pids {pids})\n")
+            sys.stderr.flush()
+            _notify_systemd("READY=1")
+        elif self.reloading:
+            self.reloading = False
+            self.server.log_line(f"reloaded: workers {pids} serve; "
+                                 f"{' '.join(str(w.pid) for w in old) or 'none'} finish their "
+                                 f"requests and exit")
+            _notify_systemd("READY=1")
+
+    def _spawn(self):
+        mine, theirs = socket.socketpair()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()  # or the child would write our buffered text again
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled())
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            self._work(theirs, mine, mask)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        theirs.close()
+        mine.setblocking(False)
+        worker = self.workers[pid] = _Worker(pid, self.generation, mine)
+        return worker
+
+    def _reap(self, now):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:  # else an orphan a command left us (the command app)
+                worker.channel.close()
+                self._ended(worker, status, now)
+
+    def _ended(self, worker, status, now):
+        if self.stopping or worker.retiring:
+            return
+        if os.WIFSIGNALED(status):
+            how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        else:
+            how = f"exited with status {os.WEXITSTATUS(status)}"
+        lived = now - worker.started
+        if worker.generation == self.generation and not self.proven:
+            if not self.announced:
+                self.error = (f"the first worker {how} before it served (what it said is "
+                              f"above); not starting more")
+                self._stop(now)
+                return
+            serving = [w.generation for w in self.workers.values() if w.ready and not w.retiring]
+            if serving:  # the new code does not start: keep the old
+                self.generation, self.proven, self.reloading = max(serving), True, False
+                self.server.log_line(f"reload failed: the first new worker {how} before it "
+                                     f"served; the old workers keep serving")
+                _notify_systemd("READY=1")
+                return
+        if worker.ready and lived >= WORKER_QUICK_DEATH:
+            self.server.log_line(f"worker {worker.pid} {how}; starting another")
+            return
+        self.failures += 1
+        self.last_failure = now
+        if self.failures >= WORKER_GIVE_UP:
+            self.error = (f"workers keep failing within {WORKER_QUICK_DEATH:g} s of their start "
+                          f"({self.failures} in a row, the last {how}); stopping")
+            self._stop(now)
+            return
+        delay = WORKER_RETRY * 2 ** (self.failures - 1)
+        self.retry_at = now + delay
+        self.server.log_line(f"worker {worker.pid} {how} {lived:.1f} s after its start; "
+                             f"starting another in {delay:g} s")
+
+    def _work(self, channel, masters_end, mask):
+        """The child: become a worker, serve until told to stop, and exit -- never return."""
+        status = 1
+        try:
+            global _WHO
+            _WHO = f"{PROG}[{os.getpid()}]"
+            signal.set_wakeup_fd(-1)
+            for signum, action in _SIGNALS:
+                signal.signal(signum, signal.SIG_IGN if action == "ignore" else signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            # What the master holds is not ours: its channels, its wake-up pipe, and above all
+            # the socket file, which only the master removes.
+            for worker in self.workers.values():
+                worker.channel.close()
+            masters_end.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            listener = os.dup(self.server.socket.fileno())
+            self.server._disown()
+            os.environ.pop("NOTIFY_SOCKET", None)  # the master speaks to systemd
+            if _SUBREAPER:  # not inherited by fork(); the command app's orphans come to us
+                _become_subreaper()
+            app = _load_app(self.app) if isinstance(self.app, str) else self.app
+            with _WorkerServer(ListenAddress(f"fd:{listener}"), channel, **self.options) as server:
+                server.leave_backlog = self.server.listen_address.inherited
+                server.set_app(app)
+                _serve_until_signal(server, lambda: channel.send(b"R"))
+            status = 0
+        except ServeError as exc:
+            sys.stderr.write(f"{_WHO}: {exc}\n")
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            try:
+                # A worker ends as a process does: the app's atexit handlers run (the command
+                # app's kills what its commands left).
+                getattr(atexit, "_run_exitfuncs", _nothing)()
+                for stream in (sys.stdout, sys.stderr):
+                    if stream is not None:
+                        stream.flush()
+            finally:
+                os._exit(status)
+
+
+class _WorkerServer(WSGIServer):
+    """A worker's server: it also stops when its master says so, or is gone."""
+
+    def __init__(self, address, channel, **settings):
+        self.channel = channel
+        super().__init__(address, **settings)
+
+    def service_actions(self):
+        try:
+            self.channel.recv(16, socket.MSG_DONTWAIT)  # a word, or the end: either way, stop
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.request_stop()
+
+
+# --- §8 API -------------------------------------------------------------------------------
 
 def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequestHandler, **options):
     """Return a bound, listening WSGIServer for ``app`` on ``address`` (a context manager).
 
     ``address`` is a ListenAddress or its text; ``options`` are WSGIServer's keywords
     (``mode``, ``group``, ``threads``, ``timeout``, ``proxy_headers``... as on the command line).
+    One process: for worker processes, use serve().
     """
     server = server_class(address, handler_class, **options)
     server.set_app(app)
     return server
 
 
-def serve(app, address, **options):
+def serve(app, address, workers=DEFAULTS["workers"], **options):
     """Serve ``app`` on ``address`` until SIGTERM or SIGINT (or shutdown()), then clean up.
 
-    Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it serves.
-    Signal handlers are installed only when called from the main thread.
+    ``app`` is a WSGI callable, or its name as text, ``"MODULE:CALLABLE"`` (as --app takes it).
+    With ``workers`` above 1, a master process forks that many workers (§7): a name is then
+    imported by each worker, so that SIGHUP's reload loads new code; a callable is inherited
+    as it is.  Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it
+    serves.  Signal handlers are installed only when called from the main thread (workers
+    need it).  Raises ServeError with the reason when it stops for a failure.
     """
+    _checked(dict(DEFAULTS, workers=workers))
+    if workers > 1:
+        return _Master(app, address, workers, options).run()
+    if isinstance(app, str):
+        app = _load_app(app)
     with make_server(address, app, **options) as server:
-        def stop(signum, frame):
-            if server.stopping:  # a second one: gunicorn's and uvicorn's users expect this
-                server.request_stop(at_once=True)
-                return
-            _notify_systemd("STOPPING=1")
-            server.request_stop()
+        _warn_about(server, options)
 
-        def ignore(signum, frame):
-            server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM "
-                            f"stops, SIGHUP too)")
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in _SIGNALS:
-                handlers[signum] = signal.signal(signum, stop if handler == "stop" else ignore)
-        try:
-            if server.listen_address.kind == "abstract":
-                sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket: anyone in this "
-                                 f"network namespace can connect to it, and while this server is "
-                                 f"down, bind it and receive its requests; a socket file is "
-                                 f"safer\n")
-            elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
-                # connect() needs write permission: "others" may send requests.
-                sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
-                                 f"connect to {server}; 660 with --group is the usual choice\n")
+        def ready():
+            sys.stderr.write(f"{PROG}: serving on {server}\n")
+            sys.stderr.flush()
+            _notify_systemd("READY=1")
+        _serve_until_signal(server, ready)
 
-            def ready():
-                sys.stderr.write(f"{PROG}: serving on {server}\n")
-                sys.stderr.flush()
-                _notify_systemd("READY=1")
-            server.on_ready = ready
-            server.serve_forever()
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        if server.stopped_at_once:
-            raise ServeError(f"{server}: stopped at once by a second signal; requests in flight "
-                             f"were cut")
+
+def _warn_about(server, options):
+    if server.listen_address.kind == "abstract":
+        sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket: anyone in this "
+                         f"network namespace can connect to it, and while this server is "
+                         f"down, bind it and receive its requests; a socket file is safer\n")
+    elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
+        # connect() needs write permission: "others" may send requests.
+        sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
+                         f"connect to {server}; 660 with --group is the usual choice\n")
+
+
+def _serve_until_signal(server, on_ready):
+    """server.serve_forever() with the _SIGNALS handlers in place (from the main thread
+    only); ServeError if a second signal stopped it at once."""
+    signalled = []
+
+    def stop(signum, frame):
+        # A second signal stops at once (as gunicorn's and uvicorn's users expect); a stop
+        # begun otherwise (a worker's master, shutdown()) does not count as a first.
+        if signalled:
+            server.request_stop(at_once=True)
+            return
+        signalled.append(signum)
+        _notify_systemd("STOPPING=1")
+        server.request_stop()
+
+    def ignore(signum, frame):
+        server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM "
+                        f"stops, SIGHUP too)")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in _SIGNALS:
+            handlers[signum] = signal.signal(signum, stop if handler == "stop" else ignore)
+    try:
+        server.on_ready = on_ready
+        server.serve_forever()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if server.stopped_at_once:
+        raise ServeError(f"{server}: stopped at once by a second signal; requests in flight "
+                         f"were cut")
 
 
 # The signals serve() handles.  Every signal whose default action ends the process and that a
@@ -2263,7 +2680,7 @@ def _notify_systemd(state):
         sys.stderr.write(f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
 
 
-# --- §8 The example app: a command per request --------------------------------------------
+# --- §9 The example app: a command per request --------------------------------------------
 
 DEFAULT_COMMAND = ["date", "-u"]  # in coreutils and busybox, and new on every request
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a command that ran out of time
@@ -2528,7 +2945,7 @@ class _CommandApp:
 
     def _log(self, environ, text):
         """One line of the command's stderr in the server log, prefixed with the request."""
-        line = f"{PROG}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
+        line = f"{_WHO}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
         environ["wsgi.errors"].write(line.translate(_LOG_ESCAPES) + "\n")
 
     def kill_all(self):
@@ -2647,7 +3064,7 @@ def _command_path():
     return os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
 
 
-# --- §9 The command line ------------------------------------------------------------------
+# --- §10 The command line -----------------------------------------------------------------
 
 _HELP_EPILOG = """\
 addresses:
@@ -2745,6 +3162,10 @@ def _parse_command_line(argv):
                         help="socket file mode, in force before listen() (default: 600; nginx: 660)")
     server.add_argument("--group", metavar="NAME|GID",
                         help="socket file group, e.g. www-data (default: the process's group)")
+    server.add_argument("--workers", type=positive(int), default=DEFAULTS["workers"], metavar="N",
+                        help="processes, each with --threads threads, on one socket: a master "
+                             "starts them, replaces one that dies, reloads them on SIGHUP "
+                             "(default: %(default)s: no master, one process)")
     server.add_argument("--threads", type=positive(int), default=DEFAULTS["threads"], metavar="N",
                         help="threads that run the app: at most N requests at once; waiting "
                              "connections hold none (default: %(default)s)")
@@ -2938,7 +3359,7 @@ def main(argv=None):
                      else "this address has no socket file")
             raise AddressError(f"{address}: --mode and --group are a socket file's; {where}")
         if args.app:
-            app = _load_app(args.app)
+            app = args.app  # serve() imports it: in each worker, if there are workers
         else:
             app = command_app(command or DEFAULT_COMMAND, cgi=args.cgi,
                               pass_env=[name for names in args.pass_env for name in names],
@@ -2947,7 +3368,7 @@ def main(argv=None):
                               max_procs=args.max_procs or args.threads)
         # A group is given so that its members may connect, which needs write permission.
         mode = args.mode if args.mode is not None else 0o660 if args.group else DEFAULTS["mode"]
-        serve(app, address, mode=mode,
+        serve(app, address, workers=args.workers, mode=mode,
               group=args.group, threads=args.threads, timeout=args.timeout,
               keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=_access_log(args),
