@@ -3536,6 +3536,50 @@ class WorkerTests(ServerTestCase):
         self.assertFalse(os.path.lexists(self.sock))
         wait_for(lambda: not process_alive(max(pids)), "the last worker to exit")
 
+    def write_app(self, name, text):
+        with open(os.path.join(self.dir, name + ".py"), "w") as f:
+            f.write(text)
+
+    def loading_pid(self, server):
+        """The pid of the worker that is loading the app (it wrote its pid file)."""
+        path = os.path.join(self.dir, "loading")
+        return wait_for(lambda: read_pid(path), "a worker to load the app")
+
+    def test_a_worker_that_hangs_while_loading_the_app_does_not_hold_the_stop(self):
+        self.write_app("hang", "import os, time\nopen('loading', 'w').write(str(os.getpid()))\n"
+                               "time.sleep(300)\n")
+        server = self.start("--workers", "2", "--app", "hang:app", self.sock, ready=False)
+        pid = self.loading_pid(server)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertLess(time.monotonic() - started, 5.0)  # not graceful-timeout + 5 s
+        wait_for(lambda: not process_alive(pid), "the loading worker to exit")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_a_worker_that_ignores_sigterm_is_killed_after_the_graceful_timeout(self):
+        self.write_app("deaf", "import os, signal, time\nsignal.signal(signal.SIGTERM, "
+                               "signal.SIG_IGN)\nopen('loading', 'w').write(str(os.getpid()))\n"
+                               "time.sleep(300)\n")
+        server = self.start("--workers", "2", "--graceful-timeout", "0.5", "--app", "deaf:app",
+                            self.sock, ready=False)
+        pid = self.loading_pid(server)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertGreater(time.monotonic() - started, 5.0)  # 0.5 + WORKER_KILL_AFTER
+        self.assertIn(f"worker {pid} still runs 5.5 s after the stop began: killed", server.log())
+        wait_for(lambda: not process_alive(pid), "the deaf worker to be killed")
+
+    def test_a_worker_loading_the_app_dies_with_its_master(self):
+        self.write_app("hang", "import os, time\nopen('loading', 'w').write(str(os.getpid()))\n"
+                               "time.sleep(300)\n")
+        server = self.start("--workers", "2", "--app", "hang:app", self.sock, ready=False)
+        pid = self.loading_pid(server)
+        server.proc.kill()  # it reads no channel yet: PR_SET_PDEATHSIG brings it down
+        server.wait()
+        wait_for(lambda: not process_alive(pid), "the loading worker to follow its master")
+
     def test_a_worker_never_outlives_its_master(self):
         server, pids = self.start_workers(2)
         server.proc.kill()  # SIGKILL: the master cannot tell anyone

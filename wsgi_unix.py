@@ -2215,6 +2215,19 @@ class ServerHandler(simple_server.ServerHandler):
 
 # --- §7 Worker processes ------------------------------------------------------------------
 
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def _prctl(option, value):
+    """Linux prctl(2) through ctypes; False where it cannot be done."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class _Worker:
     """One worker process, as its master sees it."""
 
@@ -2234,7 +2247,7 @@ class _Master:
     fork (so that a reload loads new code), runs serve_forever() on its copy of the socket
     with ``threads`` threads, and writes "R" on its channel -- a socketpair -- once it serves.
     The master stops a worker gracefully by writing on that channel; a worker also stops when
-    the channel ends, so that none outlives a master that was killed.  A worker's signals are
+    the channel ends, or at SIGTERM from the kernel (PR_SET_PDEATHSIG) when the master dies.  A worker's signals are
     a single process's (a second SIGTERM stops it at once): so the master never signals a
     worker for a graceful stop, and a SIGTERM sent to every process of the group (systemd's
     KillMode, Ctrl-C) is still one signal to each.
@@ -2270,6 +2283,7 @@ class _Master:
         self.failures, self.last_failure, self.retry_at = 0, 0.0, 0.0
         self.signals = deque()
         self.error = None  # why the master stops with exit 1
+        self.pid = os.getpid()
 
     def run(self):
         if threading.current_thread() is not threading.main_thread():
@@ -2404,6 +2418,8 @@ class _Master:
         worker.retiring = True
         try:
             worker.channel.send(b"S")
+            if not worker.ready:  # still loading the app: it serves nothing, and reads nothing
+                os.kill(worker.pid, signal.SIGTERM)
         except OSError:
             pass  # it is gone already
 
@@ -2513,6 +2529,11 @@ class _Master:
         try:
             global _WHO
             _WHO = f"{PROG}[{os.getpid()}]"
+            # If the master dies, SIGTERM -- even while the app loads, before the channel is
+            # watched (Linux; elsewhere the channel alone).  It may have died already.
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != self.pid:
+                return
             signal.set_wakeup_fd(-1)
             for signum, action in _SIGNALS:
                 signal.signal(signum, signal.SIG_IGN if action == "ignore" else signal.SIG_DFL)
@@ -2988,12 +3009,7 @@ def _pidfd(pid):
 def _become_subreaper():
     """Make orphaned descendants our children (Linux prctl(PR_SET_CHILD_SUBREAPER)), so that
     a command's setsid() daemon can be found and killed.  False where it cannot be done."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER = 36
-    except (OSError, AttributeError):
-        return False
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _children():
