@@ -1284,7 +1284,7 @@ class _Engine:
         if outcome == "abort":
             self._close(conn, reset=True)
             return
-        if outcome == "close" or self.stopping:
+        if outcome == "close":
             if not conn.reader.buffer:
                 self._close(conn)
                 return
@@ -1292,8 +1292,12 @@ class _Engine:
         else:
             conn.served += 1
             conn.state = _HEAD if conn.reader.buffer else _IDLE
-            conn.deadline = time.monotonic() + (self.server.timeout if conn.reader.buffer
-                                                else self.server.keep_alive)
+            wait = self.server.timeout if conn.reader.buffer else self.server.keep_alive
+            if self.stopping:
+                # The stop began after our answer's head said keep-alive: the client may be
+                # sending its next request already, which gets STOP_LINGER as on an idle one.
+                wait = min(wait, STOP_LINGER)
+            conn.deadline = time.monotonic() + wait
         if leading:
             self._rejoin(conn)
         else:
