@@ -1038,6 +1038,35 @@ class ShutdownTests(ServerTestCase):
         self.assertEqual(server.wait(), 0)
         self.assertFalse(os.path.lexists(self.sock))
 
+    def test_a_burst_of_ignored_signals_while_it_logs_changes_nothing(self):
+        # A handler that wrote through sys.stderr while the thread it interrupted was in a
+        # write there raised "reentrant call": serve_forever() ended, and the next SIGUSR1
+        # killed the process.
+        server = self.start_app()
+        errors, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                status = get(self.sock)[0]
+                if status != 200:
+                    errors.append(status)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for _ in range(300):
+                server.signal(signal.SIGUSR1)
+                time.sleep(0.002)  # a signal at a time, each while requests are logged
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(DEADLINE)
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(errors, [])
+        self.assertNotIn("Traceback", server.log())
+
     def test_a_second_sigterm_stops_at_once_with_status_1(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             server = self.start_app("--graceful-timeout", "30", self.sock)

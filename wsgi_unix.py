@@ -2663,8 +2663,15 @@ def _serve_until_signal(server, on_ready):
         server.request_stop()
 
     def ignore(signum, frame):
-        server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM "
-                        f"stops, SIGHUP too)")
+        line = (f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
+                f"SIGHUP too)")
+        try:
+            # The handler may have interrupted this thread in a write to stderr: another write
+            # through sys.stderr would raise "reentrant call" (and end serve_forever()); one
+            # os.write() of the whole line cannot.
+            os.write(sys.stderr.fileno(), f"{_WHO}: {line}\n".encode("utf-8", "replace"))
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            server.log_line(line)  # a stream with no descriptor (redirected in-process)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for signum, handler in _SIGNALS:
