@@ -352,6 +352,31 @@ def run_together(function, count):
         thread.join(DEADLINE)
 
 
+@contextlib.contextmanager
+def steady_load(request, clients=4, pause=0.0):
+    """While the block runs, ``clients`` threads call ``request()`` (it returns a status) in a
+    loop, ``pause`` seconds apart; yields the lists (done, errors) they fill."""
+    done, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                status = request()
+                (done if status == 200 else errors).append(status)
+            except (OSError, EOFError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+            stop.wait(pause)
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield done, errors
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+
+
 def connectable(path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
@@ -1043,24 +1068,10 @@ class ShutdownTests(ServerTestCase):
         # write there raised "reentrant call": serve_forever() ended, and the next SIGUSR1
         # killed the process.
         server = self.start_app()
-        errors, stop = [], threading.Event()
-
-        def client():
-            while not stop.is_set():
-                status = get(self.sock)[0]
-                if status != 200:
-                    errors.append(status)
-        clients = [threading.Thread(target=client) for _ in range(4)]
-        for thread in clients:
-            thread.start()
-        try:
+        with steady_load(lambda: get(self.sock)[0]) as (done, errors):
             for _ in range(300):
                 server.signal(signal.SIGUSR1)
                 time.sleep(0.002)  # a signal at a time, each while requests are logged
-        finally:
-            stop.set()
-            for thread in clients:
-                thread.join(DEADLINE)
         self.assertEqual(get(self.sock)[0], 200)
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
@@ -2139,11 +2150,11 @@ class CommandAppTests(ServerTestCase):
         server.wait_line('"GET / HTTP/1.1" 499 ')  # one access-log line: no answer written
         self.assertEqual(len(server.log().splitlines()), 2, server.log())
 
-    def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
+    def assert_no_command_outlives_the_server(self, *options):
         pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
         server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
                                     f"echo $$ > {pidfile}; exec sleep 300",
-                                    options=["--graceful-timeout", "1"])
+                                    options=["--graceful-timeout", "1", *options])
         client = unix_connection(self.sock)
         client.request("GET", "/")
         pid = wait_for(lambda: read_pid(pidfile), "the command to start")
@@ -2153,6 +2164,14 @@ class CommandAppTests(ServerTestCase):
         wait_for(lambda: not process_alive(pid), "the command to die with the server")
         wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with the server")
         client.close()
+
+    def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
+        self.assert_no_command_outlives_the_server()
+
+    def test_nor_one_of_a_worker_process(self):
+        # A worker is forked: it must become the subreaper itself, and run the command app's
+        # atexit kill when it ends.
+        self.assert_no_command_outlives_the_server("--workers", "2")
 
     def test_readme_status_page_webhook_and_cgi_status(self):
         # The three uses the README shows, as it shows them.
@@ -3362,21 +3381,12 @@ class StopTests(ServerTestCase):
         # As systemd does: the socket outlives the service; SIGTERM, then a new process.
         listener = self.inherited_listener()
         server = self.start_on(listener)
-        errors, done, stop = [], [], threading.Event()
 
-        def client():
-            while not stop.is_set():
-                try:
-                    with connect(self.sock) as sock:
-                        sock.sendall(request_bytes("/counted?0.005"))
-                        status = Responses(sock).next()[1]
-                    (done if status == 200 else errors).append(status)
-                except (OSError, EOFError) as exc:
-                    errors.append(repr(exc))
-        clients = [threading.Thread(target=client) for _ in range(8)]
-        for thread in clients:
-            thread.start()
-        try:
+        def request():
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes("/counted?0.005"))
+                return Responses(sock).next()[1]
+        with steady_load(request, clients=8) as (done, errors):
             for _ in range(3):
                 before = len(done)
                 wait_for(lambda: len(done) > before + 100, "requests to be served")
@@ -3384,10 +3394,6 @@ class StopTests(ServerTestCase):
                 self.assertEqual(server.wait(), 0)
                 server = self.start_on(listener)
             wait_for(lambda: len(done) > before + 200, "requests served after the restarts")
-        finally:
-            stop.set()
-            for thread in clients:
-                thread.join(DEADLINE)
         self.assertEqual(errors, [])
 
 
@@ -3697,21 +3703,6 @@ class WorkerTests(ServerTestCase):
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
 
-    def test_the_command_app_in_workers_kills_what_its_commands_leave(self):
-        pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
-        server = self.start("--workers", "2", "--graceful-timeout", "1", self.sock, "--", "sh",
-                            "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
-                                  f"echo $$ > {pidfile}; exec sleep 300")
-        client = unix_connection(self.sock)
-        client.request("GET", "/")
-        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
-        daemon = wait_for(lambda: read_pid(daemonfile), "the daemon to start")
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        wait_for(lambda: not process_alive(pid), "the command to die with its worker")
-        wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with its worker")
-        client.close()
-
     def test_serve_takes_workers_and_make_server_does_not(self):
         script = ("import sys, wsgi_unix\n"
                   "wsgi_unix.serve('testapp:app', sys.argv[1], workers=2, access_log=False)\n")
@@ -3770,20 +3761,9 @@ class WorkerNginxTests(NginxCase):
 
     def test_sighup_under_load_through_nginx_loses_no_request(self):
         pids = worker_pids(self.server.wait_ready())
-        done, errors, stop = [], [], threading.Event()
-
-        def client():  # about 50 requests/s each, through nginx's keep-alive pool
-            while not stop.is_set():
-                try:
-                    status = self.fetch("GET", "/counted?0.005")[0]
-                    (done if status == 200 else errors).append(status)
-                except (OSError, http.client.HTTPException) as exc:
-                    errors.append(repr(exc))
-                stop.wait(0.02)
-        clients = [threading.Thread(target=client) for _ in range(4)]
-        for thread in clients:
-            thread.start()
-        try:
+        # About 200 requests/s through nginx's keep-alive pool, as the issue has it.
+        request = lambda: self.fetch("GET", "/counted?0.005")[0]  # noqa: E731
+        with steady_load(request, pause=0.02) as (done, errors):
             for reload in (1, 2):
                 before = len(done)
                 wait_for(lambda: len(done) > before + 100, "requests to be served")
@@ -3792,17 +3772,11 @@ class WorkerNginxTests(NginxCase):
                          "the reload")
             before = len(done)
             wait_for(lambda: len(done) > before + 100, "requests after the reloads")
-        finally:
-            stop.set()
-            for thread in clients:
-                thread.join(DEADLINE)
         self.assertEqual(errors, [])
-        now = children(self.server.proc.pid)
         wait_for(lambda: len(children(self.server.proc.pid)) == 2, "the old workers to exit")
         self.assertTrue(children(self.server.proc.pid).isdisjoint(pids))
         with open(self.error_log) as f:
             self.assertNotIn("[error]", f.read())
-        del now
 
 
 if __name__ == "__main__":

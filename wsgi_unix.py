@@ -1650,7 +1650,8 @@ class WSGIServer(simple_server.WSGIServer):
     The engine (§5) accepts, reads and queues requests; this class holds the settings
     (DEFAULTS, as keywords) and the policy.  For the caller: ``serve_forever()``,
     ``shutdown()``, ``request_stop()``, ``server_close()``, ``set_app()``/``get_app()``, and
-    use as a context manager.  May be overridden: ``verify_request(request, client_address)``
+    use as a context manager; ``leave_backlog`` (True for fd:N) leaves the connections queued
+    at a stop to the socket's other listeners instead of serving them first.  May be overridden: ``verify_request(request, client_address)``
     (False closes a new connection unanswered), ``check_head(request, connection)`` (raise
     to refuse a request before its body is read), ``serve_request(connection)``,
     ``handle_error(request, client_address)``, ``service_actions()`` (called by
