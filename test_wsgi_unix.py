@@ -3652,6 +3652,19 @@ class WorkerTests(ServerTestCase):
         slow.close()
 
     def test_one_log_of_whole_lines_and_worker_lines_carry_their_pid(self):
+        # Two workers write to one access log file: whole lines, none lost.
+        path = os.path.join(self.dir, "access.log")
+        server, pids = self.start_workers(2, "--access-log", path)
+        run_together(lambda: [get(self.sock, "/" + "y" * 2000) for _ in range(10)], 20)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 200)
+        for line in lines:
+            self.assertRegex(line, r'^- - - \[[^]]+\] "GET /y{2000} HTTP/1.1" 404 10 "-" "-" '
+                                   r'\d+\.\d{3}$')
+        # And to stderr, with the lines of their own, which say which worker they come from.
         server, pids = self.start_workers(2)
         run_together(lambda: [get(self.sock, "/" + "x" * 2000) for _ in range(10)], 20)
         victim = min(pids)
@@ -3682,10 +3695,18 @@ class WorkerTests(ServerTestCase):
         self.assertEqual(server.wait(), 0)
         slow.close()
 
-    def test_a_reload_whose_code_cannot_load_keeps_the_old_workers(self):
+    def test_a_reload_loads_new_code_and_one_whose_code_cannot_load_keeps_the_old(self):
         app = os.path.join(self.dir, "deployed.py")
+        version = ("import os\n"
+                   "def app(environ, start_response):\n"
+                   "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                   "    return [b'%s %%d' %% os.getpid()]\n")
+
+        def served():  # by which code, in which processes
+            answers = [get(self.sock)[2].decode().rsplit(" ", 1) for _ in range(20)]
+            return {text for text, _ in answers}, {int(pid) for _, pid in answers}
         with open(app, "w") as f:
-            f.write("from testapp import app\n")
+            f.write(version % "first")
         server = self.start("--workers", "2", "--app", "deployed:app", self.sock)
         pids = worker_pids(server.wait_ready())
         with open(app, "a") as f:
@@ -3694,12 +3715,17 @@ class WorkerTests(ServerTestCase):
         server.wait_line("reload failed: the first new worker exited with status 1")
         self.assertEqual(server.log().count("Traceback"), 1)  # one new worker tried
         self.assertEqual(children(server.proc.pid), pids)
-        self.assertTrue(self.served_by() <= pids)
+        texts, by = served()
+        self.assertEqual(texts, {"first"})
+        self.assertTrue(by <= pids)
         with open(app, "w") as f:  # the deploy is mended: the next reload takes
-            f.write("from testapp import app\n")
+            f.write(version % "the second")  # (another size: a .pyc is checked by size and mtime)
         server.signal(signal.SIGHUP)
         server.wait_line("reloaded: workers")
         wait_for(lambda: children(server.proc.pid).isdisjoint(pids), "the old workers to exit")
+        texts, by = served()
+        self.assertEqual(texts, {"the second"})  # each new worker imported it anew
+        self.assertTrue(by.isdisjoint(pids))
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
 
