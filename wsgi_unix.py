@@ -1651,11 +1651,12 @@ class WSGIServer(simple_server.WSGIServer):
     (DEFAULTS, as keywords) and the policy.  For the caller: ``serve_forever()``,
     ``shutdown()``, ``request_stop()``, ``server_close()``, ``set_app()``/``get_app()``, and
     use as a context manager; ``leave_backlog`` (True for fd:N) leaves the connections queued
-    at a stop to the socket's other listeners instead of serving them first.  May be overridden: ``verify_request(request, client_address)``
-    (False closes a new connection unanswered), ``check_head(request, connection)`` (raise
-    to refuse a request before its body is read), ``serve_request(connection)``,
-    ``handle_error(request, client_address)``, ``service_actions()`` (called by
-    serve_forever() about every poll_interval).  socketserver's one-connection-per-call entry
+    at a stop to the socket's other listeners instead of serving them first.  May be
+    overridden: ``verify_request(request, client_address)`` (False closes a new connection
+    unanswered), ``check_head(request, connection)`` (raise to refuse a request before its
+    body is read), ``serve_request(connection)``, ``handle_error(request, client_address)``,
+    ``service_actions()`` (called by serve_forever() about every poll_interval; a worker's
+    server reads its master's word there).  socketserver's one-connection-per-call entry
     points ``handle_request()``, ``process_request()`` and ``finish_request()`` do not fit an
     engine that keeps connections: they raise NotImplementedError.
     """
@@ -1698,7 +1699,7 @@ class WSGIServer(simple_server.WSGIServer):
         self._logged = set()  # messages said once
         self.on_ready = None  # see serve_forever()
         # At a stop, leave the connections queued in the backlog to whoever else listens on
-        # the socket (systemd's next start, the other workers), rather than serve them first.
+        # the socket (systemd's next start), rather than serve them first.
         self.leave_backlog = self.listen_address.inherited
         if self.allow_uids is not None and (self.address_family != socket.AF_UNIX
                                             or _PEERCRED is None):
@@ -2252,10 +2253,11 @@ class _Master:
     fork (so that a reload loads new code), runs serve_forever() on its copy of the socket
     with ``threads`` threads, and writes "R" on its channel -- a socketpair -- once it serves.
     The master stops a worker gracefully by writing on that channel; a worker also stops when
-    the channel ends, or at SIGTERM from the kernel (PR_SET_PDEATHSIG) when the master dies.  A worker's signals are
-    a single process's (a second SIGTERM stops it at once): so the master never signals a
-    worker for a graceful stop, and a SIGTERM sent to every process of the group (systemd's
-    KillMode, Ctrl-C) is still one signal to each.
+    the channel ends, or at the SIGTERM the kernel sends it when the master dies
+    (PR_SET_PDEATHSIG).  A worker's signals are a single process's (a second SIGTERM stops it
+    at once): so the master never signals a serving worker for a graceful stop, and a SIGTERM
+    sent to every process of the group (systemd's KillMode, Ctrl-C) is still one signal to
+    each.
 
     Generations: the start, and each SIGHUP, make a new one.  Its first worker starts alone,
     the others once it serves -- an app that cannot load fails once, not N times.  When all
@@ -2558,6 +2560,8 @@ class _Master:
                 _become_subreaper()
             app = _load_app(self.app) if isinstance(self.app, str) else self.app
             with _WorkerServer(ListenAddress(f"fd:{listener}"), channel, **self.options) as server:
+                # What is queued when it stops, it serves (at a reload the new workers would
+                # too; at a stop, no one else), unless the socket is systemd's to keep.
                 server.leave_backlog = self.server.listen_address.inherited
                 server.set_app(app)
                 _serve_until_signal(server, lambda: channel.send(b"R"))
