@@ -3112,6 +3112,8 @@ examples:
       a status page that nginx (user www-data) may connect to
   python3 wsgi_unix.py --app myapp:application --proxy-headers /run/app/app.sock
       a WSGI app behind nginx, with the client's address from X-Forwarded-For
+  python3 wsgi_unix.py --workers 4 --app myapp:application /run/app/app.sock
+      four processes on one socket; SIGHUP reloads them with the code as it is now
 
 exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 if it cannot serve, 2 for a usage error
 """
