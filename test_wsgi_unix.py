@@ -3770,7 +3770,9 @@ class WorkerTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)  # the first connection starts the service
         self.assertEqual(listener.recv(100), b"READY=1")  # once, from the master
         pids = worker_pids(server.wait_line("serving on fd:3 with 2 workers"))
-        self.assertNotIn("NOTIFY_SOCKET", json.loads(get(self.sock, "/osenv")[2]))
+        variables = json.loads(get(self.sock, "/osenv")[2])  # a worker's os.environ
+        for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"):  # the master's, not theirs
+            self.assertNotIn(name, variables)
         server.signal(signal.SIGHUP)
         self.assertRegex(listener.recv(100), rb"^RELOADING=1\nMONOTONIC_USEC=\d+$")
         self.assertEqual(listener.recv(100), b"READY=1")
