@@ -3323,11 +3323,16 @@ class StopTests(ServerTestCase):
             sock.sendall(request_bytes("/slow?0.5", close=False))
             server.wait_line("app: /slow started")
             server.signal(signal.SIGTERM)
-            responses = Responses(sock)
-            version, status, headers, body = responses.next()
-            self.assertEqual((status, headers.get("connection"), body), (200, "close", b"slow done\n"))
-            self.assertTrue(responses.closed())
+            self.assert_last_answer(sock, b"slow done\n")
         self.assertEqual(server.wait(), 0)
+
+    def assert_last_answer(self, sock, body):
+        """The next response on ``sock`` is a 200 with ``body`` that says Connection: close,
+        and the connection closes after it."""
+        responses = Responses(sock)
+        version, status, headers, got = responses.next()
+        self.assertEqual((status, headers.get("connection"), got), (200, "close", body))
+        self.assertTrue(responses.closed())
 
     def test_a_request_on_an_idle_connection_just_after_sigterm_is_served_not_reset(self):
         # A proxy's pooled connection may carry a request at the moment we stop: it gets an
@@ -3339,10 +3344,7 @@ class StopTests(ServerTestCase):
             server.signal(signal.SIGTERM)
             wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
             sock.sendall(request_bytes("/", close=False))
-            responses = Responses(sock)
-            version, status, headers, body = responses.next()
-            self.assertEqual((status, headers.get("connection"), body), (200, "close", b"hello\n"))
-            self.assertTrue(responses.closed())
+            self.assert_last_answer(sock, b"hello\n")
         self.assertEqual(server.wait(), 0)
 
     def inherited_listener(self):
