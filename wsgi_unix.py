@@ -2283,7 +2283,7 @@ class _Master:
         self.address, self.count, self.options = address, workers, options
         self.server = None
         self.workers = {}  # pid -> _Worker
-        self.generation = 0
+        self.generation = 1  # the start's; each SIGHUP adds one
         self.proven = False  # a worker of this generation has served
         self.announced = self.reloading = self.stopping = self.at_once = False
         self.kill_at = None
@@ -2307,7 +2307,6 @@ class _Master:
             handlers = {signum: signal.signal(signum, self._queue) for signum in self.handled()}
             wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
             try:
-                self.generation = 1
                 self._loop()
             finally:
                 signal.set_wakeup_fd(wakeup)
