@@ -2870,6 +2870,99 @@ class RequestReaderTests(unittest.TestCase):
         self.assertLess(timings[1], 30 * max(timings[0], 0.001))  # linear, not quadratic
 
 
+class LeadershipTests(unittest.TestCase):
+    """How threads take work (§5's _Leadership), decided without threads or sockets."""
+
+    QUICK, WAITS = wsgi_unix.HAND_OVER_ABOVE / 10, wsgi_unix.HAND_OVER_ABOVE * 10
+
+    def leadership(self, app_time, followers=0, ready=("conn",), returns=()):
+        lead = wsgi_unix._Leadership()
+        lead.leader, lead.followers, lead.app_time = "me", followers, app_time
+        lead.ready.extend(ready)
+        lead.returns.extend(returns)
+        return lead
+
+    def test_who_serves_a_ready_request(self):
+        # (apps take, followers waiting) -> (still leading, served inline: busy_since set)
+        table = [
+            (self.WAITS, 1, False, None),   # apps wait: a follower leads before the app runs
+            (self.WAITS, 0, True, 5.0),     # nobody to hand over to: inline
+            (self.QUICK, 3, True, 5.0),     # quick apps: inline, the lead kept
+            (self.QUICK, 0, True, 5.0),
+        ]
+        for app_time, followers, leading, busy_since in table:
+            with self.subTest(app_time=app_time, followers=followers):
+                lead = self.leadership(app_time, followers)
+                self.assertEqual(lead.take_work("me", 5.0), (leading, "conn", ()))
+                self.assertEqual(lead.leader, "me" if leading else None)
+                self.assertEqual(lead.busy_since, busy_since)
+
+    def test_handed_back_connections_come_first_and_alone(self):
+        lead = self.leadership(self.WAITS, 1, returns=("back1", "back2"))
+        self.assertEqual(lead.take_work("me", 0.0), (True, None, ["back1", "back2"]))
+        self.assertEqual(list(lead.ready), ["conn"])
+        self.assertEqual(lead.take_work("me", 0.0), (False, "conn", ()))
+
+    def test_only_the_leader_takes_work(self):
+        lead = self.leadership(self.QUICK)
+        self.assertEqual(lead.take_work("other", 0.0), (False, None, ()))
+        self.assertEqual(lead.take_work("me", 0.0), (True, "conn", ()))
+        self.assertEqual(lead.take_work("me", 0.0), (True, None, ()))  # nothing left
+        lead.finish()
+        self.assertEqual(lead.take_work("me", 0.0), (False, None, ()))
+
+    def test_app_time_is_a_running_mean_that_says_when_apps_turn_quick(self):
+        lead = self.leadership(self.WAITS)
+        turned = []
+        for _ in range(40):  # quick requests, one after another
+            turned.append(lead.end_app("me", 0.0)[1])
+        self.assertEqual(turned.count(True), 1)  # said once, when it turned
+        self.assertFalse(lead.apps_wait)
+        lead.end_app("other", 0.1)  # one request of 100 ms
+        self.assertTrue(lead.apps_wait)
+
+    def test_end_app_tells_whether_the_thread_still_leads(self):
+        lead = self.leadership(self.QUICK)
+        lead.take_work("me", 0.0)
+        self.assertEqual(lead.end_app("me", 0.0), (True, False))
+        self.assertIsNone(lead.busy_since)
+        self.assertEqual(lead.end_app("someone else", 0.0), (False, False))
+
+    def test_the_watchdog_promotes_only_a_leader_stuck_in_an_app_with_a_follower_waiting(self):
+        after = wsgi_unix.PROMOTE_AFTER
+        # (busy since, followers, now) -> promoted
+        table = [(None, 1, 10.0, False), (10.0, 0, 11.0, False),
+                 (10.0, 1, 10.0 + after / 2, False), (10.0, 1, 10.0 + after * 2, True)]
+        for busy_since, followers, now, promoted in table:
+            with self.subTest(busy_since=busy_since, followers=followers, now=now):
+                lead = self.leadership(self.QUICK, followers)
+                lead.busy_since = busy_since
+                lead.promote_if_stuck(after, now)
+                self.assertEqual(lead.leader is None, promoted)
+                self.assertEqual(lead.apps_wait, promoted)  # a stuck app is one that waits
+
+    def test_a_thread_back_from_an_app_takes_the_lead_from_a_leader_in_one(self):
+        lead = self.leadership(self.QUICK, ready=())
+        lead.busy_since = 1.0
+        self.assertTrue(lead.follow("back"))  # at once: no waiting on the condition
+        self.assertEqual((lead.leader, lead.busy_since), ("back", None))
+        self.assertEqual(lead.end_app("me", 0.0), (False, False))  # the old leader learns it
+
+    def test_a_vacant_lead_is_taken_and_a_finished_one_refused(self):
+        lead = wsgi_unix._Leadership()
+        self.assertTrue(lead.follow("me"))
+        self.assertEqual(lead.leader, "me")
+        lead.resign("me")
+        self.assertIsNone(lead.leader)
+        lead.finish()
+        self.assertFalse(lead.follow("me"))
+
+    def test_after_a_pause_requests_are_handed_over_until_they_show_they_are_quick(self):
+        lead = self.leadership(self.QUICK)
+        lead.idle()
+        self.assertTrue(lead.apps_wait)
+
+
 class Responses:
     """Read HTTP responses one after another from a socket (keep-alive, pipelining)."""
 
@@ -3056,6 +3149,70 @@ class ThreadBoundTests(ServerTestCase):
         run_together(slow, 3)
         self.assertEqual(answers, [200] * 3)
         self.assertEqual(get(self.sock, "/peak")[2], b"3")  # side by side, not one after another
+
+
+class WaitingAppTests(ServerTestCase):
+    """Apps that wait (a database, a remote call) run --threads at a time."""
+
+    def answered_after(self, count, url):
+        """Send ``count`` requests at once; return the seconds until the last is answered."""
+        statuses, started = [], time.monotonic()
+
+        def client():
+            statuses.append(get(self.sock, url)[0])
+        run_together(client, count)
+        self.assertEqual(statuses, [200] * count)
+        return time.monotonic() - started
+
+    def test_eight_requests_that_wait_run_side_by_side_on_eight_threads(self):
+        # The old engine served them one after another (0.2 s each): 1.6 s, or 0.4 s at best.
+        self.start_app("--threads", "8", "--quiet", self.sock)
+        self.assertLess(self.answered_after(8, "/counted?0.2"), 0.4)
+        self.assertEqual(get(self.sock, "/peak")[2], b"8")
+
+    def test_the_thread_bound_still_holds_for_apps_that_wait(self):
+        self.start_app("--threads", "2", "--quiet", self.sock)
+        elapsed = self.answered_after(4, "/counted?0.2")
+        self.assertGreater(elapsed, 0.39)  # two at a time: two rounds, never one
+        self.assertLess(elapsed, 0.7)
+        self.assertEqual(get(self.sock, "/peak")[2], b"2")
+
+    def test_keep_alive_connections_with_waiting_requests_run_in_parallel(self):
+        self.start_app("--threads", "4", "--quiet", self.sock)
+        statuses = []
+
+        def client():
+            with connect(self.sock) as sock:
+                responses = Responses(sock)
+                for _ in range(3):  # one after another on one connection
+                    sock.sendall(request_bytes("/counted?0.1", close=False))
+                    statuses.append(responses.next()[1])
+        started = time.monotonic()
+        run_together(client, 4)
+        elapsed = time.monotonic() - started
+        self.assertEqual(statuses, [200] * 12)
+        self.assertLess(elapsed, 0.8)  # 0.3 s side by side; 1.2 s one at a time
+        self.assertEqual(get(self.sock, "/peak")[2], b"4")
+
+    def test_a_quick_request_is_served_at_once_while_the_other_threads_wait(self):
+        # The old engine started the waiting requests one per watchdog look (10-100 ms), and a
+        # quick request came after them all: 448 ms with 7 of 8 threads waiting.
+        self.start_app("--threads", "8", "--quiet", self.sock)
+        slow = [connect(self.sock) for _ in range(7)]
+        for sock in slow:
+            sock.sendall(request_bytes("/slow?1.5"))
+        try:
+            slowest = 0.0
+            for _ in range(20):
+                started = time.monotonic()
+                self.assertEqual(get(self.sock)[0], 200)
+                slowest = max(slowest, time.monotonic() - started)
+            self.assertLess(slowest, 0.2)
+            for sock in slow:
+                self.assertEqual(Responses(sock).next()[1], 200)
+        finally:
+            for sock in slow:
+                sock.close()
 
 
 class KeepAliveTests(ServerTestCase):

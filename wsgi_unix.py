@@ -127,8 +127,13 @@ FIRST_BUFFER = 64 * 1024
 # close, as nginx and Apache do): closing with unread bytes makes the kernel send a reset, and
 # the client loses the answer.
 LINGER_SECONDS = 5.0
-# How long one request may keep the leader thread before a follower takes over the selector.
+# When requests take this long on average, the leader hands the selector to a follower before
+# it runs one (see _Leadership): a hand-over costs about 40 us, under 4 % of such a request.
+HAND_OVER_ABOVE = 0.001
+# How long one request served inline may keep the leader before a follower takes over.
 PROMOTE_AFTER = 0.01
+# A leader that waited this long in the selector for nothing finds the server idle.
+IDLE_AFTER = 0.1
 # After an accept() that found a connection, how many more the leader may try before it looks
 # at the selector again (a select() per connection cost 25 % of the close c=16 rate).
 ACCEPTS_IN_A_ROW = 16
@@ -1088,30 +1093,53 @@ _HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING = "head", "body", "idle", "linger
 
 
 class _Leadership:
-    """Which thread leads -- the only one that may use the selector -- and the hand-over.
+    """Which thread leads -- the only one that may use the selector -- and when it hands over.
 
     One lock guards all of it.  A thread is a follower (waiting in follow()), the leader, or
-    serving a request after it lost the lead.  Invariants:
-    - at most one leader; a follower becomes leader only when ``leader`` is None;
-    - the leader is demoted only while it runs an app (``busy_since`` is set), so it never loses
-      the lead while it uses the selector;
+    serving a request without the lead.  Invariants:
+    - at most one leader; a follower becomes leader only when ``leader`` is None, or when the
+      leader is in an app (``busy_since`` is set) and the follower has just finished one;
+    - the leader loses the lead only while it runs an app, so it never loses it while it uses
+      the selector;
     - a thread that is not the leader hands connections to the leader through ``ready`` (a whole
       request to serve) or ``returns`` (to put back in the selector), never touching the selector.
+
+    The hand-over rule (Schmidt's leader/followers, made to pay only where it gains): when apps
+    wait -- ``app_time``, a running mean of how long a request takes, is HAND_OVER_ABOVE or
+    more -- the leader makes a follower the leader *before* it runs a request, so that the next
+    request starts at once, whatever the app does.  When apps are quick, the leader serves
+    inline and keeps the lead: a hand-over costs about as much as a whole quick request, and
+    under the GIL a second thread gains nothing while the app computes.  If a request served
+    inline runs PROMOTE_AFTER seconds, the watchdog (``promote_if_stuck``, from the main
+    thread) makes a follower lead and counts that request as one that waits.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
         self._vacant = threading.Condition(self.lock)  # followers wait here for the lead
         self.leader = None  # the leading thread's ident; None: the next follower takes over
-        self.busy_since = None  # when the leader began running an app; None: it is not
+        self.busy_since = None  # when the leader began running an app inline; None: it is not
         self.followers = 0
         self.ready = deque()  # connections with a whole request, for whoever leads next
         self.returns = deque()  # connections a non-leader hands back to the selector
         self.finished = False
+        # Seconds a request takes, a running mean (weight 1/8).  It starts as if apps wait: the
+        # first requests are handed over, until quick ones show that they need not be.
+        self.app_time = HAND_OVER_ABOVE
+
+    @property
+    def apps_wait(self):
+        return self.app_time >= HAND_OVER_ABOVE
 
     def follow(self, me):
-        """Wait until this thread may lead; return False once the engine has finished."""
+        """Wait until this thread may lead; return False once the engine has finished.
+
+        A thread that comes here from serving a request takes the lead at once from a leader
+        that runs an app: the selector is not watched meanwhile.
+        """
         with self.lock:
+            if self.leader is not None and self.busy_since is not None:
+                self.leader = self.busy_since = None
             self.followers += 1
             while self.leader is not None and not self.finished:
                 self._vacant.wait()
@@ -1120,12 +1148,13 @@ class _Leadership:
                 self.leader = me
             return not self.finished
 
-    def take_work(self, me):
-        """For the leader: (still leading, a ready connection or None, connections handed back).
+    def take_work(self, me, now):
+        """For the leader: (still leading, a connection to serve or None, handed back ones).
 
         Handed-back connections come first and alone (the leader puts them in the selector,
-        during which it must not be demoted); a ready connection comes with ``busy_since``
-        set, as the leader is about to run its app.
+        during which it must not lose the lead).  A connection to serve comes with the lead
+        handed to a follower when apps wait (``still leading`` is then False), else with
+        ``busy_since`` set: the leader serves it inline.
         """
         with self.lock:
             if self.leader != me or self.finished:
@@ -1136,16 +1165,24 @@ class _Leadership:
                 return True, None, returns
             if not self.ready:
                 return True, None, ()
-            self.busy_since = time.monotonic()
-            return True, self.ready.popleft(), ()
+            conn = self.ready.popleft()
+            if self.followers and self.apps_wait:
+                self.leader = None
+                self._vacant.notify()
+                return False, conn, ()
+            self.busy_since = now
+            return True, conn, ()
 
-    def end_app(self, me):
-        """The app has returned; True if this thread still leads."""
+    def end_app(self, me, took):
+        """A request took ``took`` seconds.  Returns (this thread still leads, apps have just
+        turned quick -- the watchdog should watch closely from now on)."""
         with self.lock:
+            waited = self.apps_wait
+            self.app_time += (took - self.app_time) / 8
             if self.leader == me:
                 self.busy_since = None
-                return True
-            return False
+                return True, waited and not self.apps_wait
+            return False, waited and not self.apps_wait
 
     def resign(self, me):
         with self.lock:
@@ -1153,14 +1190,20 @@ class _Leadership:
                 self.leader = self.busy_since = None
                 self._vacant.notify()
 
-    def promote_if_stuck(self, after, caller=None):
-        """Let a follower take the lead if the leader has run one app for ``after`` seconds
-        (and, given ``caller``, only if the caller is that leader)."""
+    def idle(self):
+        """Nothing happened for a while: the next requests are handed over until they show
+        that they are quick (so that a burst of waiting requests after a pause needs no
+        watchdog, and an idle watchdog may sleep)."""
+        with self.lock:
+            self.app_time = max(self.app_time, HAND_OVER_ABOVE)
+
+    def promote_if_stuck(self, after, now):
+        """Let a follower take the lead if the leader has run one app for ``after`` seconds."""
         with self.lock:
             since = self.busy_since
-            if (since is None or not self.followers or time.monotonic() - since < after
-                    or (caller is not None and caller != self.leader)):
+            if since is None or not self.followers or now - since < after:
                 return
+            self.app_time = max(self.app_time, now - since)
             self.leader = self.busy_since = None
             self._vacant.notify()
 
@@ -1241,14 +1284,14 @@ class _Engine:
 
     def _lead(self, me):
         while True:
-            leading, conn, returns = self.lead.take_work(me)
-            if not leading:
+            leading, conn, returns = self.lead.take_work(me, time.monotonic())
+            if conn is not None:
+                self._serve(conn, me)  # leading or not (apps that wait: a follower leads)
+            elif not leading:
                 return
-            if returns:
+            elif returns:
                 for back in returns:
                     self._rejoin(back)
-            elif conn is not None:
-                self._serve(conn, me)
             elif self._accept_next and self.accepting and not self.stopping:
                 # The last accept() found connections: look for more straight away, as a
                 # blocking accept() would, rather than in a select() (a client that reconnects
@@ -1260,8 +1303,9 @@ class _Engine:
                 self._poll()
 
     def _serve(self, conn, me):
-        conn.state = _SERVING  # (take_work has marked the leader busy)
-        self.serving[me] = (time.monotonic(), conn.request)  # for stuck_report()
+        conn.state = _SERVING
+        started = time.monotonic()
+        self.serving[me] = (started, conn.request)  # for stuck_report()
         try:
             outcome = self.server.serve_request(conn)
         except Exception:
@@ -1269,7 +1313,9 @@ class _Engine:
             outcome = "abort"
         finally:
             del self.serving[me]
-            still_leading = self.lead.end_app(me)
+            still_leading, turned_quick = self.lead.end_app(me, time.monotonic() - started)
+        if turned_quick:
+            self.server.watch_closely()
         request, conn.request = conn.request, None
         request.body.close()
         if still_leading or not conn.registered:
@@ -1330,7 +1376,10 @@ class _Engine:
         elif not self.accepting and not self.stopping:
             self._maybe_resume_accepting(now)
         timeout = max(0.0, min(self._next_scan, self._resume_accept_at or self._next_scan) - now)
-        for key, _ in self.selector.select(timeout):
+        events = self.selector.select(timeout)
+        if not events and time.monotonic() - now >= IDLE_AFTER:
+            self.lead.idle()
+        for key, _ in events:
             conn = key.data
             if conn is not None:
                 self._on_readable(conn)
@@ -1691,8 +1740,9 @@ class WSGIServer(simple_server.WSGIServer):
         for name in ("script_name", "threads", "timeout", "keep_alive", "graceful_timeout",
                      "max_connections", "max_request_body", "access_log"):
             setattr(self, name, settings[name])
-        self._stop_r, self._stop_w = socket.socketpair()
-        self._stop_w.setblocking(False)
+        # Wakes the main thread: a stop was asked for, or the watchdog should look again.
+        self._main_r, self._main_w = socket.socketpair()
+        self._main_w.setblocking(False)
         self._stop_requested = self.stopped_at_once = False
         self._stopped = threading.Event()
         self._engine = None
@@ -1713,14 +1763,14 @@ class WSGIServer(simple_server.WSGIServer):
         """Close the listening socket and remove the socket file, if it is still ours."""
         super().server_close()
         self.listen_address.remove_socket_file()
-        self._stop_r.close()
-        self._stop_w.close()
+        self._main_r.close()
+        self._main_w.close()
 
     def _disown(self):
         """In a forked child: close its copies of our descriptors, and leave the socket
         file -- the parent's -- alone."""
         self.listen_address.disown()
-        for sock in (self.socket, self._stop_r, self._stop_w):
+        for sock in (self.socket, self._main_r, self._main_w):
             sock.close()
 
     def request_stop(self, at_once=False):
@@ -1731,7 +1781,7 @@ class WSGIServer(simple_server.WSGIServer):
         self.stopped_at_once = self.stopped_at_once or at_once
         self._stop_requested = True
         try:
-            self._stop_w.send(b"!")
+            self._main_w.send(b"!")
         except OSError:
             pass  # a wake-up is pending already, or the server is closed
 
@@ -1747,8 +1797,9 @@ class WSGIServer(simple_server.WSGIServer):
     def serve_forever(self, poll_interval=1.0):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
-        Runs ``threads`` threads (§5); this thread watches them: when the leader has been in
-        one app for PROMOTE_AFTER seconds, a follower takes over.  ``poll_interval`` is how
+        Runs ``threads`` threads (§5); this thread watches them: while apps are quick, the
+        leader serves them inline, and when it has been in one app for PROMOTE_AFTER seconds, a
+        follower takes over (see _Leadership).  ``poll_interval`` is how
         often timed-out connections are looked for.  Once the threads serve, it calls
         ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new connections,
         idle ones close, requests in flight get ``graceful_timeout`` seconds.
@@ -1773,15 +1824,17 @@ class WSGIServer(simple_server.WSGIServer):
         if self.on_ready is not None:
             self.on_ready()
         poller = select.poll()
-        poller.register(self._stop_r, select.POLLIN)
-        stop_began = next_stuck_check = time.monotonic()
+        poller.register(self._main_r, select.POLLIN)
+        next_stuck_check = time.monotonic()
         try:
             while not self._stop_requested:
-                busy = engine.lead.busy_since is not None
-                if poller.poll(1000 * (PROMOTE_AFTER if busy else min(poll_interval, 0.1))):
-                    self._stop_r.recv(4096)
-                engine.lead.promote_if_stuck(PROMOTE_AFTER)
+                # The watchdog: while apps are quick the leader serves them inline, and one
+                # that turns out to wait must not keep the lead for long.
+                watch = PROMOTE_AFTER if not engine.lead.apps_wait else min(poll_interval, 0.1)
+                if poller.poll(1000 * watch):
+                    self._main_r.recv(4096)
                 now = time.monotonic()
+                engine.lead.promote_if_stuck(PROMOTE_AFTER, now)
                 if now >= next_stuck_check:
                     stuck = engine.stuck_report(now, self.timeout)
                     next_stuck_check = now + (60.0 if stuck else 1.0)  # at most once a minute
@@ -1795,21 +1848,20 @@ class WSGIServer(simple_server.WSGIServer):
                 self.listen_address.remove_socket_file()
             engine.begin_stop()
             engine.wait_closed(stop_began + self.graceful_timeout,
-                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER)
+                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER, time.monotonic())
                                or self.stopped_at_once)
         finally:
             self._stop_requested = True
             engine.finish(threads, time.monotonic() + 0.1)
             self._stopped.set()
 
-    def will_block(self):
-        """Let another thread lead now: the calling request is about to wait on something.
-
-        Apps reach it as ``environ["wsgi_unix.will_block"]``; the command app calls it before
-        running its command, so that commands run side by side from the first millisecond.
-        """
-        if self._engine is not None:
-            self._engine.lead.promote_if_stuck(0, caller=threading.get_ident())
+    def watch_closely(self):
+        """Wake the main thread, whose watchdog looks at the leader every PROMOTE_AFTER seconds
+        from now on (the engine calls it when apps have turned quick)."""
+        try:
+            self._main_w.send(b".")
+        except OSError:
+            pass  # a wake-up is pending already, or the server is closed
 
     def handle_request(self, *args):
         raise NotImplementedError("wsgi_unix serves with serve_forever(); it keeps connections "
@@ -1849,6 +1901,11 @@ def _log_time():
     return "%02d/%3s/%04d:%02d:%02d:%02d %s" % (
         now.tm_mday, simple_server.WSGIRequestHandler.monthname[now.tm_mon], now.tm_year,
         now.tm_hour, now.tm_min, now.tm_sec, time.strftime("%z", now))
+
+
+def _will_block():
+    """``environ["wsgi_unix.will_block"]``: apps called it before waiting on something, to hand
+    the lead over at once; the engine now hands over by itself (see _Leadership).  A no-op."""
 
 
 class WSGIRequestHandler(simple_server.WSGIRequestHandler):
@@ -1900,7 +1957,7 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         env["SERVER_SOFTWARE"] = self.server_version
         env["REQUEST_METHOD"] = self.command
         env["wsgi_unix.socket"] = self.connection  # to watch for a client that went away
-        env["wsgi_unix.will_block"] = server.will_block
+        env["wsgi_unix.will_block"] = _will_block  # (for apps that call it: no longer needed)
         path = request.path
         if server.script_name:
             env["SCRIPT_NAME"], path = server.script_name, path[len(server.script_name):]
@@ -2766,7 +2823,6 @@ class _CommandApp:
                           f"the request body is over {self.max_body} bytes")
         # The server has received the body already; the slot comes first all the same, so
         # that a request waiting for its turn holds nothing but its thread.
-        environ.get("wsgi_unix.will_block", _nothing)()
         if not self._slots.acquire(timeout=self.timeout):
             return _plain(start_response, "503 Service Unavailable", "too many commands running")
         try:
