@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2870,6 +2871,39 @@ class RequestReaderTests(unittest.TestCase):
         self.assertLess(timings[1], 30 * max(timings[0], 0.001))  # linear, not quadratic
 
 
+def drawn_moves(text):
+    """The moves a drawing shows, in lines such as ``serving -> idle | head | closed``."""
+    moves = {}
+    for line in text.splitlines():
+        match = re.match(r"\s*(?:a connection.*:)?\s*([a-z]+)\s+->\s+([a-z |]+?)\s*(?:\(.*)?$", line)
+        if match and match.group(1) in wsgi_unix._MOVES:
+            moves[match.group(1)] = {state.strip() for state in match.group(2).split("|")}
+    return moves
+
+
+class ConnectionMovesTests(unittest.TestCase):
+    """A connection's states and moves are data (§5's _MOVES), and the drawings agree."""
+
+    def test_the_engine_docstring_and_the_readme_draw_the_table(self):
+        table = {state: moves for state, moves in wsgi_unix._MOVES.items() if moves}
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        readme = readme[readme.index("a connection (accept()"):]
+        for where, text in (("docstring", wsgi_unix._Engine.__doc__), ("README", readme)):
+            with self.subTest(where=where):
+                self.assertEqual(drawn_moves(text), table)
+
+    def test_a_move_not_in_the_table_is_refused(self):
+        conn = wsgi_unix._Connection(None, None, None, 0.0)
+        for state in ("ready", "serving", "idle", "head", "ready", "serving", "closed"):
+            conn.move(state)
+        for start, bad in (("closed", "closed"), ("closed", "head"), ("ready", "idle")):
+            with self.subTest(start=start, bad=bad):
+                conn.state = start
+                with self.assertRaises(RuntimeError):
+                    conn.move(bad)
+
+
 class LeadershipTests(unittest.TestCase):
     """How threads take work (§5's _Leadership), decided without threads or sockets."""
 
@@ -2944,18 +2978,62 @@ class LeadershipTests(unittest.TestCase):
     def test_a_thread_back_from_an_app_takes_the_lead_from_a_leader_in_one(self):
         lead = self.leadership(self.QUICK, ready=())
         lead.busy_since = 1.0
-        self.assertTrue(lead.follow("back"))  # at once: no waiting on the condition
+        self.assertEqual(lead.follow("back"), (True, None))  # at once: no waiting
         self.assertEqual((lead.leader, lead.busy_since), ("back", None))
         self.assertEqual(lead.end_app("me", 0.0), (False, False))  # the old leader learns it
 
+    def test_a_thread_that_served_without_the_lead_takes_it_if_vacant_or_busy(self):
+        # (leader, busy since) when a request served without the lead ends -> it leads now
+        for leader, busy_since, leads in (("other", None, False), ("other", 2.0, True),
+                                          (None, None, True)):
+            with self.subTest(leader=leader, busy_since=busy_since):
+                lead = self.leadership(self.WAITS)
+                lead.leader, lead.busy_since = leader, busy_since
+                self.assertEqual(lead.end_app("me", self.WAITS)[0], leads)
+                self.assertEqual(lead.leader, "me" if leads else leader)
+
+    def test_what_a_follower_takes(self):
+        # (leader, apps take, ready) -> what follow() returns, without waiting
+        table = [(None, self.WAITS, ["conn"], (True, None)),     # a vacant lead comes first
+                 ("other", self.WAITS, ["conn"], (False, "conn")),  # apps wait: serve it
+                 (None, self.QUICK, [], (True, None))]
+        for leader, app_time, ready, taken in table:
+            with self.subTest(leader=leader, app_time=app_time, ready=ready):
+                lead = self.leadership(app_time, ready=ready)
+                lead.leader = leader
+                self.assertEqual(lead.follow("me"), taken)
+                self.assertEqual(lead.followers, 0)
+        lead = self.leadership(self.QUICK)
+        lead.finish()
+        self.assertEqual(lead.follow("me"), (False, None))
+
+    def test_followers_are_woken_for_ready_requests_only_when_apps_wait(self):
+        for app_time, served_by_follower in ((self.WAITS, True), (self.QUICK, False)):
+            with self.subTest(app_time=app_time):
+                lead = self.leadership(app_time, ready=())
+                lead.leader = "leader"
+                taken = []
+                follower = threading.Thread(target=lambda: taken.append(lead.follow("f")))
+                follower.start()
+                wait_for(lambda: lead.followers == 1, "the follower to wait")
+                lead.hand_back("conn", ready=True)
+                follower.join(0.2)
+                if served_by_follower:
+                    self.assertEqual(taken, [(False, "conn")])
+                else:  # it waits on: the leader serves quick requests inline
+                    self.assertEqual((taken, list(lead.ready)), ([], ["conn"]))
+                    lead.finish()
+                    follower.join(DEADLINE)
+                    self.assertEqual(taken, [(False, None)])
+
     def test_a_vacant_lead_is_taken_and_a_finished_one_refused(self):
         lead = wsgi_unix._Leadership()
-        self.assertTrue(lead.follow("me"))
+        self.assertEqual(lead.follow("me"), (True, None))
         self.assertEqual(lead.leader, "me")
         lead.resign("me")
         self.assertIsNone(lead.leader)
         lead.finish()
-        self.assertFalse(lead.follow("me"))
+        self.assertEqual(lead.follow("me"), (False, None))
 
     def test_after_a_pause_requests_are_handed_over_until_they_show_they_are_quick(self):
         lead = self.leadership(self.QUICK)

@@ -1066,6 +1066,26 @@ class _BodySink:
 
 # --- §5 The engine ------------------------------------------------------------------------
 
+# A connection's states.  Waiting in the selector: _HEAD (awaiting a request head, or the rest
+# of one), _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an
+# error, discarding what still comes).  Handled by a thread: _READY (a whole request, queued)
+# and _SERVING (its app runs); a keep-alive connection may stay registered meanwhile.
+_HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING, _CLOSED = (
+    "head", "body", "idle", "linger", "ready", "serving", "closed")
+
+# The moves between them: _Connection.move() makes every one and refuses any other, and the
+# drawing in _Engine's docstring (and the README's) is checked against this table by a test.
+_MOVES = {
+    _HEAD: {_BODY, _READY, _LINGER, _CLOSED},
+    _BODY: {_READY, _LINGER, _CLOSED},
+    _READY: {_SERVING},
+    _SERVING: {_IDLE, _HEAD, _LINGER, _CLOSED},
+    _IDLE: {_HEAD, _CLOSED},
+    _LINGER: {_CLOSED},
+    _CLOSED: set(),
+}
+
+
 class _Connection:
     """One client connection, from accept() to close.  One thread owns it at a time: the leader
     while it waits in the selector or in the ready queue, the thread that serves its request."""
@@ -1076,7 +1096,7 @@ class _Connection:
     def __init__(self, sock, address, reader, deadline):
         self.sock, self.address, self.reader = sock, address, reader
         self.peer = None  # (pid, uid, gid) of a Unix peer, from SO_PEERCRED
-        self.state = _HEAD
+        self.state = _HEAD  # accept() makes a connection that awaits its first head
         self.deadline = deadline  # for the head, or the idle connection, or the lingering close
         self.progress = None  # _Progress of the body being received
         self.served = 0  # requests answered on it
@@ -1084,43 +1104,44 @@ class _Connection:
         self.registered = False  # in the selector
         self.outcome = None  # how its response ended, for the leader to act on
 
-
-# A connection's states.  Waiting in the selector: _HEAD (awaiting a request head, or the rest
-# of one), _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an
-# error, discarding what still comes).  Handled by a thread: _READY (a whole request, queued)
-# and _SERVING (its app runs); a keep-alive connection may stay registered meanwhile.
-_HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING = "head", "body", "idle", "linger", "ready", "serving"
+    def move(self, state):
+        if state not in _MOVES[self.state]:
+            raise RuntimeError(f"a connection cannot go from {self.state} to {state}")
+        self.state = state
 
 
 class _Leadership:
-    """Which thread leads -- the only one that may use the selector -- and when it hands over.
+    """How threads take work: which one leads -- the only one that may use the selector --,
+    who serves a request that is ready, and when the lead changes hands.
 
     One lock guards all of it.  A thread is a follower (waiting in follow()), the leader, or
-    serving a request without the lead.  Invariants:
-    - at most one leader; a follower becomes leader only when ``leader`` is None, or when the
-      leader is in an app (``busy_since`` is set) and the follower has just finished one;
+    serving a request.  Invariants:
+    - at most one leader; a thread becomes leader only when ``leader`` is None, or when the
+      leader is in an app (``busy_since`` is set) and the thread has just finished one;
     - the leader loses the lead only while it runs an app, so it never loses it while it uses
       the selector;
-    - a thread that is not the leader hands connections to the leader through ``ready`` (a whole
-      request to serve) or ``returns`` (to put back in the selector), never touching the selector.
+    - a thread that is not the leader hands connections to the leader through ``returns`` (to
+      put back in the selector), never touching the selector.
 
-    The hand-over rule (Schmidt's leader/followers, made to pay only where it gains): when apps
-    wait -- ``app_time``, a running mean of how long a request takes, is HAND_OVER_ABOVE or
-    more -- the leader makes a follower the leader *before* it runs a request, so that the next
-    request starts at once, whatever the app does.  When apps are quick, the leader serves
-    inline and keeps the lead: a hand-over costs about as much as a whole quick request, and
-    under the GIL a second thread gains nothing while the app computes.  If a request served
-    inline runs PROMOTE_AFTER seconds, the watchdog (``promote_if_stuck``, from the main
-    thread) makes a follower lead and counts that request as one that waits.
+    Who serves a ready request depends on how long requests take (``app_time``, a running
+    mean).  When apps wait -- HAND_OVER_ABOVE or more, a database, a remote call -- a ready
+    request never waits while a thread is idle: a follower is woken for each one queued, and
+    the leader that takes one hands the lead to a follower before it runs the app (Schmidt's
+    leader/followers), so the next request starts at once whatever the app does.  When apps
+    are quick, the leader serves ready requests inline and keeps the lead: a hand-over costs
+    about as much as a whole quick request, and under the GIL a second thread gains nothing
+    while the app computes.  If a request served inline runs PROMOTE_AFTER seconds, the
+    watchdog (``promote_if_stuck``, from the main thread) makes a follower lead and counts that
+    request as one that waits.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self._vacant = threading.Condition(self.lock)  # followers wait here for the lead
+        self._work = threading.Condition(self.lock)  # followers wait here for work
         self.leader = None  # the leading thread's ident; None: the next follower takes over
         self.busy_since = None  # when the leader began running an app inline; None: it is not
         self.followers = 0
-        self.ready = deque()  # connections with a whole request, for whoever leads next
+        self.ready = deque()  # connections with a whole request, in the order they came
         self.returns = deque()  # connections a non-leader hands back to the selector
         self.finished = False
         # Seconds a request takes, a running mean (weight 1/8).  It starts as if apps wait: the
@@ -1132,7 +1153,8 @@ class _Leadership:
         return self.app_time >= HAND_OVER_ABOVE
 
     def follow(self, me):
-        """Wait until this thread may lead; return False once the engine has finished.
+        """Wait for work: (True, None) when this thread leads now, (False, conn) to serve a ready
+        request without the lead (apps wait), (False, None) once the engine has finished.
 
         A thread that comes here from serving a request takes the lead at once from a leader
         that runs an app: the selector is not watched meanwhile.
@@ -1141,12 +1163,17 @@ class _Leadership:
             if self.leader is not None and self.busy_since is not None:
                 self.leader = self.busy_since = None
             self.followers += 1
-            while self.leader is not None and not self.finished:
-                self._vacant.wait()
-            self.followers -= 1
-            if not self.finished:
-                self.leader = me
-            return not self.finished
+            try:
+                while not self.finished:
+                    if self.leader is None:
+                        self.leader = me
+                        return True, None
+                    if self.ready and self.apps_wait:
+                        return False, self.ready.popleft()
+                    self._work.wait()
+                return False, None
+            finally:
+                self.followers -= 1
 
     def take_work(self, me, now):
         """For the leader: (still leading, a connection to serve or None, handed back ones).
@@ -1168,27 +1195,32 @@ class _Leadership:
             conn = self.ready.popleft()
             if self.followers and self.apps_wait:
                 self.leader = None
-                self._vacant.notify()
+                self._work.notify()
                 return False, conn, ()
             self.busy_since = now
             return True, conn, ()
 
     def end_app(self, me, took):
-        """A request took ``took`` seconds.  Returns (this thread still leads, apps have just
-        turned quick -- the watchdog should watch closely from now on)."""
+        """A request took ``took`` seconds.  Returns (this thread leads, apps have just turned
+        quick -- the watchdog should watch closely from now on).
+
+        A thread that served without the lead takes it here if it is vacant or the leader is in
+        an app, as in follow(): it then finishes with its connection itself, with no hand-back.
+        """
         with self.lock:
             waited = self.apps_wait
             self.app_time += (took - self.app_time) / 8
-            if self.leader == me:
-                self.busy_since = None
-                return True, waited and not self.apps_wait
-            return False, waited and not self.apps_wait
+            turned_quick = waited and not self.apps_wait
+            if self.leader == me or self.leader is None or self.busy_since is not None:
+                self.leader, self.busy_since = me, None
+                return True, turned_quick
+            return False, turned_quick
 
     def resign(self, me):
         with self.lock:
             if self.leader == me:
                 self.leader = self.busy_since = None
-                self._vacant.notify()
+                self._work.notify()
 
     def idle(self):
         """Nothing happened for a while: the next requests are handed over until they show
@@ -1205,16 +1237,22 @@ class _Leadership:
                 return
             self.app_time = max(self.app_time, now - since)
             self.leader = self.busy_since = None
-            self._vacant.notify()
+            self._work.notify(1 + len(self.ready))  # a leader, and one for each ready request
 
     def hand_back(self, conn, ready):
+        """Queue a whole request (``ready``), or a connection for the selector (a non-leader)."""
         with self.lock:
-            (self.ready if ready else self.returns).append(conn)
+            if ready:
+                self.ready.append(conn)
+                if self.apps_wait:
+                    self._work.notify()  # a follower serves it, while the leader goes on
+            else:
+                self.returns.append(conn)
 
     def finish(self):
         with self.lock:
             self.finished = True
-            self._vacant.notify_all()
+            self._work.notify_all()
 
 
 class _Engine:
@@ -1222,21 +1260,33 @@ class _Engine:
 
     A thread's life (exactly ``threads`` of them; with the main thread, threads + 1 in all)::
 
-        follower --(lead vacant)--> leader --(an app runs > PROMOTE_AFTER)--> serving
-            ^                        |  ^                                       |
-            |                        |  +-- it still leads when the app returns-+
-            +------------------------+-- it lost the lead ----------------------+
+        follower -> leader    the lead is vacant
+        follower -> serving   apps wait and a request is ready: it runs it without the lead
+        leader   -> serving   it takes a ready request: inline, keeping the lead, while apps are
+                              quick, else it hands the lead to a follower first (if one waits);
+                              the watchdog takes the lead from it after PROMOTE_AFTER in one app
+        serving  -> leader    back from the app: it still leads, or the lead is vacant, or the
+                              leader is in an app (then nobody watches the selector)
+        serving  -> follower  back from the app while another thread waits in the selector
 
-    The leader loops: take back what others handed over, else serve a ready request (inline:
-    no hand-off, no thread start), else accept again if the last accept() found connections,
-    else wait in the selector once and act on what it says -- accept (and read at once what
-    came with the connection), read, decode, answer errors.
+    The leader loops: take back what others handed over, else take a ready request, else
+    accept again if the last accept() found connections, else wait in the selector once and
+    act on what it says -- accept (and read at once what came with the connection), read,
+    decode, answer errors.  Who runs a ready request is _Leadership's rule: while requests take
+    HAND_OVER_ABOVE or more on average (apps that wait), a follower is woken for each one and
+    the leader hands the lead over before it runs one; while they are quick, the leader runs
+    them inline and keeps the lead, and the main thread's watchdog hands it over when one runs
+    PROMOTE_AFTER.
 
-    A connection's life::
+    A connection's life (``_MOVES``; accept() makes a connection in head)::
 
-        accept -> head -> [body] -> ready -> serving -> idle -> head ...   (keep-alive)
-                   |        |                  |  \\-> closed              (close, or abort)
-                   +--------+-> linger -> closed  (we answered an error; 408 past a deadline)
+        head    -> body | ready | linger | closed   (a head; a whole request; an error; it left)
+        body    -> ready | linger | closed          (the whole body; 408 or 413; it left)
+        ready   -> serving                          (a thread runs the app)
+        serving -> idle | head | linger | closed    (kept; pipelined bytes; close with bytes
+                                                     unread; close, or abort)
+        idle    -> head | closed                    (the next request; it left, or timed out)
+        linger  -> closed                           (the client is done, or LINGER_SECONDS)
 
     Invariants: a connection is in the selector while it is head, body, idle or linger, and
     may stay there while ready or serving (a keep-alive request costs no unregister and
@@ -1274,8 +1324,13 @@ class _Engine:
     def run_thread(self):
         """The body of each of the ``threads`` threads."""
         me = threading.get_ident()
-        while self.lead.follow(me):
+        while True:
+            leading, conn = self.lead.follow(me)
+            if not leading and conn is None:
+                return
             try:
+                if conn is not None:
+                    self._serve(conn, me)  # which may make this thread the leader
                 self._lead(me)
             except Exception:  # a bug here must not take a thread, or the lead, with it
                 self.server.handle_error(None, None)
@@ -1303,7 +1358,7 @@ class _Engine:
                 self._poll()
 
     def _serve(self, conn, me):
-        conn.state = _SERVING
+        conn.move(_SERVING)
         started = time.monotonic()
         self.serving[me] = (started, conn.request)  # for stuck_report()
         try:
@@ -1318,47 +1373,39 @@ class _Engine:
             self.server.watch_closely()
         request, conn.request = conn.request, None
         request.body.close()
-        if still_leading or not conn.registered:
-            self._after_response(conn, outcome, still_leading)
-        else:  # it is in the selector, which is the new leader's now
+        if still_leading:
+            self._after_response(conn, outcome)
+        elif not conn.registered and (outcome == "abort" or outcome == "close"
+                                      and not conn.reader.buffer):
+            self._close(conn, reset=outcome == "abort")  # no selector needed: no hand-back
+        else:  # the selector is the leader's
             conn.outcome = outcome
             self.lead.hand_back(conn, ready=False)
             self.wake()
 
-    def _after_response(self, conn, outcome, leading):
-        """Close the connection, or let it linger, or read its next request (the leader)."""
+    def _after_response(self, conn, outcome):
+        """(The leader) close the connection, or let it linger, or read its next request."""
         if outcome == "abort":
             self._close(conn, reset=True)
-            return
-        if outcome == "close":
-            if not conn.reader.buffer:
-                self._close(conn)
-                return
-            conn.state = _LINGER  # pipelined bytes we will not read: linger, or they reset
+        elif outcome == "close" and not conn.reader.buffer:
+            self._close(conn)
+        elif outcome == "close":
+            self._linger(conn)  # pipelined bytes we will not read: linger, or they reset
         else:
             conn.served += 1
-            conn.state = _HEAD if conn.reader.buffer else _IDLE
+            conn.move(_HEAD if conn.reader.buffer else _IDLE)
             wait = self.server.timeout if conn.reader.buffer else self.server.keep_alive
             if self.stopping:
                 # The stop began after our answer's head said keep-alive: the client may be
                 # sending its next request already, which gets STOP_LINGER as on an idle one.
                 wait = min(wait, STOP_LINGER)
             conn.deadline = time.monotonic() + wait
-        if leading:
-            self._rejoin(conn)
-        else:
-            self.lead.hand_back(conn, ready=False)
-            self.wake()
+            self._advance(conn)
 
     def _rejoin(self, conn):
         """A connection handed back to the leader goes on: close, linger or read."""
-        if conn.outcome is not None:
-            outcome, conn.outcome = conn.outcome, None
-            self._after_response(conn, outcome, True)
-        elif conn.state == _LINGER:
-            self._linger(conn)
-        else:
-            self._advance(conn)
+        outcome, conn.outcome = conn.outcome, None
+        self._after_response(conn, outcome)
 
     def wake(self):
         """Make the leader return from select() (safe from any thread, and in a signal handler)."""
@@ -1508,7 +1555,8 @@ class _Engine:
             self._close(conn)  # it left: between requests, or giving up on one
             return
         if conn.state == _IDLE:
-            conn.state, conn.deadline = _HEAD, time.monotonic() + self.server.timeout
+            conn.move(_HEAD)
+            conn.deadline = time.monotonic() + self.server.timeout
         elif conn.state == _BODY:
             conn.progress.advance(len(data))
         conn.reader.receive(data)
@@ -1527,7 +1575,8 @@ class _Engine:
                 if conn.state != _BODY:
                     self.server.check_head(request, conn)  # raises 404
                 if kind == "head":
-                    conn.state, conn.progress = _BODY, _Progress(self.server.timeout)
+                    conn.move(_BODY)
+                    conn.progress = _Progress(self.server.timeout)
                     if request.expect_continue and not conn.reader.buffer:
                         try:
                             conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1536,7 +1585,8 @@ class _Engine:
                     continue
                 # It may stay in the selector meanwhile: a keep-alive connection then costs
                 # no unregister and register per request.  (See _on_readable.)
-                conn.state, conn.request = _READY, request
+                conn.move(_READY)
+                conn.request = request
                 self.lead.hand_back(conn, ready=True)
                 return
         except _HTTPError as error:
@@ -1579,7 +1629,8 @@ class _Engine:
             self._unpark(conn)
             self._close(conn)
             return
-        conn.state, conn.deadline = _LINGER, time.monotonic() + LINGER_SECONDS
+        conn.move(_LINGER)
+        conn.deadline = time.monotonic() + LINGER_SECONDS
         self._park(conn)
 
     def _expire(self, now):
@@ -1593,6 +1644,7 @@ class _Engine:
 
     def _close(self, conn, reset=False):
         """Close a connection (from any thread: out of the selector unless the leader closes)."""
+        conn.move(_CLOSED)
         if conn.registered:
             self._unpark(conn)
         if conn.reader is not None:
