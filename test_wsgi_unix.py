@@ -7,6 +7,7 @@ tests wait on conditions with deadlines (the readiness line, a connect), never o
 """
 
 import contextlib
+import errno
 import http.client
 import io
 import json
@@ -299,9 +300,9 @@ def exchange(conn, method, url, body=None, headers=None):
         conn.close()
 
 
-def get(path, url="/", method="GET", body=None, headers=None):
+def get(path, url="/", method="GET", body=None, headers=None, timeout=DEADLINE):
     """One request over the socket at ``path``; returns (status, response, body)."""
-    return exchange(unix_connection(path), method, url, body, headers)
+    return exchange(unix_connection(path, timeout), method, url, body, headers)
 
 
 def raw_request(path, data, timeout=DEADLINE):
@@ -1598,6 +1599,61 @@ class ApplicationFaultTests(ServerTestCase):
         server.wait_line("app: /forever started")
         self.assertEqual(get(self.sock)[0], 200)
         stuck.close()
+
+
+class LogFaultTests(ServerTestCase):
+    """A log that cannot be written (a dead log pipe, a full disk) costs no request and no
+    thread: the line is dropped and counted."""
+
+    def start_logging_to(self, stderr, *args):
+        proc = subprocess.Popen([sys.executable, SERVER, *args, "--app", "testapp:app", self.sock],
+                                cwd=self.dir, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.addCleanup(proc.wait)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def assert_still_serves(self, proc, threads):
+        # Requests that log (the access log, a refusal, an app's traceback), more of each than
+        # there are threads: the old server lost a thread to each line it could not write.
+        for _ in range(3 * threads):
+            self.assertEqual(get(self.sock, timeout=5)[0], 200)
+            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n", timeout=5)), 400)
+            self.assertEqual(get(self.sock, "/error", timeout=5)[0], 500)
+        self.assertEqual(process_threads(proc.pid), threads + 1)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(DEADLINE), 0)
+
+    def test_a_dead_log_pipe(self):
+        reader, writer = os.pipe()
+        proc = self.start_logging_to(writer, "--threads", "2")
+        os.close(writer)
+        with os.fdopen(reader, "rb") as log:
+            self.assertIn(b"serving on", log.readline())
+        # The reader is gone (a log shipper that died): every write now fails with EPIPE.
+        self.assert_still_serves(proc, 2)
+
+    def test_a_full_disk(self):
+        with open("/dev/full", "w") as full:  # every write: ENOSPC
+            proc = self.start_logging_to(full, "--threads", "2")
+        wait_for(lambda: connectable(self.sock), "the server to listen")
+        self.assert_still_serves(proc, 2)
+
+    def test_lines_that_could_not_be_written_are_counted_and_said_once(self):
+        class Flaky(io.StringIO):
+            failures = 3
+
+            def write(self, text):
+                if self.failures:
+                    self.failures -= 1
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().write(text)
+        stream = Flaky()
+        for number in range(5):
+            wsgi_unix._log_write(stream, f"line {number}\n")  # never raises
+        self.assertEqual(stream.getvalue().splitlines(), [
+            "wsgi_unix: 3 log line(s) could not be written (No space left on device) and were "
+            "dropped", "line 3", "line 4"])
 
 
 class LoadTests(ServerTestCase):

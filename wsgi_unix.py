@@ -66,6 +66,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from collections import OrderedDict, deque
 from email.utils import formatdate
@@ -191,6 +192,39 @@ class _HTTPError(Exception):
     def __init__(self, status, reason):
         super().__init__(reason)
         self.status = status
+
+
+# Log lines that could not be written since the last one that could, and why.
+_unwritten = {"lines": 0, "why": ""}
+
+
+def _log_write(stream, text):
+    """Write whole log lines to ``stream`` and flush them, so that each reaches its stream at
+    once on every Python version (3.8's stderr is block-buffered in a pipe or a file).
+
+    A line that cannot be written -- a dead log pipe, a full disk -- is dropped and counted,
+    never raised: logging must not cost a request or a thread.  The next line that can be
+    written is preceded by one that says how many were lost.
+    """
+    try:
+        lost = _unwritten["lines"]
+        if lost:
+            stream.write(f"{_WHO}: {lost} log line(s) could not be written "
+                         f"({_unwritten['why']}) and were dropped\n")
+            _unwritten["lines"] -= lost
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as exc:  # ValueError: a closed file, or one it cannot encode
+        _unwritten["lines"] += text.count("\n") or 1
+        _unwritten["why"] = getattr(exc, "strerror", None) or str(exc)
+
+
+def _flush_standard_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # none (pythonw), closed, or a dead pipe: nothing to keep
 
 
 # --- §2 Addresses and the socket file ----------------------------------------------------
@@ -385,7 +419,7 @@ class ListenAddress:
                 raise ServeError(f"{self}: the lock on {directory} has been held by {holder} for "
                                  f"{wait:g} s; stop it, or use a directory only this user can read")
             if not said:
-                sys.stderr.write(f"{PROG}: waiting for the lock on {directory}, held by {holder}\n")
+                _log_write(sys.stderr, f"{PROG}: waiting for the lock on {directory}, held by {holder}\n")
                 said = True
             time.sleep(0.05)
 
@@ -514,7 +548,7 @@ class ListenAddress:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        sys.stderr.write(f"{PROG}: {self}: left the socket file: the lock on its "
+                        _log_write(sys.stderr, f"{PROG}: {self}: left the socket file: the lock on its "
                                          f"directory is held by {_lock_holder(directory)}\n")
                         return
                     time.sleep(0.05)
@@ -1932,6 +1966,12 @@ class WSGIServer(simple_server.WSGIServer):
         handler = self.RequestHandlerClass(connection.sock, connection.address, self, connection)
         return handler.outcome
 
+    def handle_error(self, request, client_address):
+        """socketserver's traceback on stderr, through the log writer: it never raises (a
+        thread that logs an error must not die of a log that cannot be written)."""
+        _log_write(sys.stderr, f"{'-' * 40}\nException occurred during processing of request "
+                               f"from {client_address}\n{traceback.format_exc()}{'-' * 40}\n")
+
     def log_refusal(self, connection, error):
         """One log line for a request we refused ourselves (always, even without access log)."""
         line = connection.reader.line
@@ -1944,7 +1984,7 @@ class WSGIServer(simple_server.WSGIServer):
             if once:
                 self._logged.add(message)
             message = message.translate(_LOG_ESCAPES)
-            sys.stderr.write(f"{_WHO}: {message}\n" if prefix else message + "\n")
+            _log_write(sys.stderr, f"{_WHO}: {message}\n" if prefix else message + "\n")
 
 
 def _log_time():
@@ -2062,12 +2102,12 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             environ.get("REMOTE_ADDR") or "-", _log_time(), self.requestline, code, size,
             environ.get("HTTP_REFERER", "-"), environ.get("HTTP_USER_AGENT", "-"),
             time.monotonic() - getattr(self, "started", time.monotonic()))
-        stream.write(line.translate(_LOG_ESCAPES) + "\n")
+        _log_write(stream, line.translate(_LOG_ESCAPES) + "\n")
 
     def log_message(self, format, *args):
         """One line on stderr, with control characters escaped (no log injection)."""
         message = (format % args).translate(_LOG_ESCAPES)
-        sys.stderr.write(f"{self.address_string()} - - [{_log_time()}] {message}\n")
+        _log_write(sys.stderr, f"{self.address_string()} - - [{_log_time()}] {message}\n")
 
 
 class _SocketWriter:
@@ -2183,6 +2223,11 @@ class ServerHandler(simple_server.ServerHandler):
                 raise ValueError(f"malformed Content-Length {value!r}")
         self.status, self.headers = status, self.headers_class(headers)
         return self.write
+
+    def log_exception(self, exc_info):
+        # BaseHandler.log_exception, through the log writer (which never raises).
+        _log_write(self.get_stderr(), "".join(traceback.format_exception(
+            exc_info[0], exc_info[1], exc_info[2], limit=self.traceback_limit)))
 
     def handle_error(self):
         """Answer 500 if nothing went out yet; else abort the connection (and log it)."""
@@ -2557,9 +2602,8 @@ class _Master:
         pids = " ".join(str(w.pid) for w in current)
         if not self.announced:  # (a SIGHUP before it counts as no reload)
             self.announced, self.reloading = True, False
-            sys.stderr.write(f"{PROG}: serving on {self.server} with {self.count} workers "
-                             f"(pids {pids})\n")
-            sys.stderr.flush()
+            _log_write(sys.stderr, f"{PROG}: serving on {self.server} with {self.count} workers "
+                                   f"(pids {pids})\n")
             _notify_systemd("READY=1")
         elif self.reloading:
             self.reloading = False
@@ -2570,9 +2614,7 @@ class _Master:
 
     def _spawn(self):
         mine, theirs = socket.socketpair()
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()  # or the child would write our buffered text again
+        _flush_standard_streams()  # or the child would write our buffered text again
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled())
         try:
             pid = os.fork()
@@ -2675,20 +2717,17 @@ class _Master:
                 _serve_until_signal(server, lambda: channel.send(b"R"))
             status = 0
         except ServeError as exc:
-            sys.stderr.write(f"{_WHO}: {exc}\n")
+            _log_write(sys.stderr, f"{_WHO}: {exc}\n")
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
-            import traceback
-            traceback.print_exc()
+            _log_write(sys.stderr, traceback.format_exc())
         finally:
             try:
                 # A worker ends as a process does: the app's atexit handlers run (the command
                 # app's kills what its commands left).
                 getattr(atexit, "_run_exitfuncs", _nothing)()
-                for stream in (sys.stdout, sys.stderr):
-                    if stream is not None:
-                        stream.flush()
+                _flush_standard_streams()
             finally:
                 os._exit(status)
 
@@ -2743,20 +2782,19 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
         _warn_about(server, options)
 
         def ready():
-            sys.stderr.write(f"{PROG}: serving on {server}\n")
-            sys.stderr.flush()
+            _log_write(sys.stderr, f"{PROG}: serving on {server}\n")
             _notify_systemd("READY=1")
         _serve_until_signal(server, ready)
 
 
 def _warn_about(server, options):
     if server.listen_address.kind == "abstract":
-        sys.stderr.write(f"{PROG}: warning: {server} is an abstract socket: anyone in this "
+        _log_write(sys.stderr, f"{PROG}: warning: {server} is an abstract socket: anyone in this "
                          f"network namespace can connect to it, and while this server is "
                          f"down, bind it and receive its requests; a socket file is safer\n")
     elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
         # connect() needs write permission: "others" may send requests.
-        sys.stderr.write(f"{PROG}: warning: mode {options['mode']:o} lets every local user "
+        _log_write(sys.stderr, f"{PROG}: warning: mode {options['mode']:o} lets every local user "
                          f"connect to {server}; 660 with --group is the usual choice\n")
 
 
@@ -2822,7 +2860,7 @@ def _notify_systemd(state):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(state.encode(), address)
     except OSError as exc:
-        sys.stderr.write(f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
+        _log_write(sys.stderr, f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
 
 
 # --- §9 The example app: a command per request --------------------------------------------
@@ -3090,7 +3128,7 @@ class _CommandApp:
     def _log(self, environ, text):
         """One line of the command's stderr in the server log, prefixed with the request."""
         line = f"{_WHO}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
-        environ["wsgi.errors"].write(line.translate(_LOG_ESCAPES) + "\n")
+        _log_write(environ["wsgi.errors"], line.translate(_LOG_ESCAPES) + "\n")
 
     def kill_all(self):
         """Kill every running command's process group, and what they left (at exit: none may
@@ -3482,12 +3520,11 @@ def _check_wsgi_callable(obj, spec, name):
 
 def _print_app_traceback(exc):
     """The app's traceback on stderr: its frames, not ours nor importlib's."""
-    import traceback
     tb, ours = exc.__traceback__, os.path.abspath(__file__)
     while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == ours
                               or "importlib" in tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
-    sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+    _log_write(sys.stderr, "".join(traceback.format_exception(type(exc), exc, tb)))
 
 
 def main(argv=None):
@@ -3520,17 +3557,36 @@ def main(argv=None):
               proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
               script_name=args.script_name)
     except AddressError as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        _log_write(sys.stderr, f"{PROG}: {exc}\n")
         return 2
     except ServeError as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        _log_write(sys.stderr, f"{PROG}: {exc}\n")
         return 1
     except OSError as exc:  # what the checks above did not foresee: still one line, not a traceback
-        sys.stderr.write(f"{PROG}: {args.address}: {exc}\n")
+        _log_write(sys.stderr, f"{PROG}: {args.address}: {exc}\n")
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130
+    finally:
+        _drop_unwritable_output()
     return 0
+
+
+def _drop_unwritable_output():
+    """At exit, what is still buffered for a stream that cannot take it is dropped: else the
+    interpreter's last flush fails, and the process exits with status 120 instead of ours."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, io.UnsupportedOperation):
+                pass
+        except AttributeError:
+            pass  # no stream at all (pythonw)
 
 
 if __name__ == "__main__":
