@@ -1601,9 +1601,21 @@ class ApplicationFaultTests(ServerTestCase):
         stuck.close()
 
 
-class LogFaultTests(ServerTestCase):
+class FaultTests(ServerTestCase):
     """A log that cannot be written (a dead log pipe, a full disk) costs no request and no
-    thread: the line is dropped and counted."""
+    thread: the line is dropped and counted; a full spool disk is a 503."""
+
+    def small_tmpfs(self):
+        spool = os.path.join(self.dir, "spool")
+        os.mkdir(spool)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", spool],
+                                 stderr=subprocess.DEVNULL).returncode == 0
+        if not mounted:
+            if os.environ.get("CI"):
+                self.fail("cannot mount a tmpfs (CI runs as root)")
+            self.skipTest("mounting a tmpfs needs root")
+        self.addCleanup(subprocess.run, ["umount", "-l", spool])
+        return spool
 
     def start_logging_to(self, stderr, *args):
         proc = subprocess.Popen([sys.executable, SERVER, *args, "--app", "testapp:app", self.sock],
@@ -1638,6 +1650,36 @@ class LogFaultTests(ServerTestCase):
             proc = self.start_logging_to(full, "--threads", "2")
         wait_for(lambda: connectable(self.sock), "the server to listen")
         self.assert_still_serves(proc, 2)
+
+    def test_a_spool_disk_that_fills_mid_body_gets_503_and_frees_everything(self):
+        spool = self.small_tmpfs()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
+        server = self.start_app("--threads", "2", "--timeout", "3", "--keep-alive", "3",
+                                self.sock, env=env)
+        pid = server.proc.pid
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+        answers = []
+
+        def upload():  # in 3,000-byte writes, as a slow client or nginx's buffers send it
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes("/count", "POST", ["Content-Length: 900000"]))
+                try:
+                    for _ in range(300):
+                        sock.sendall(b"x" * 3000)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # it answered, and stopped reading
+                answers.append(Responses(sock).next()[1])
+        run_together(upload, 4)  # the four fill the disk, each with a piece in its last write
+        self.assertIn(503, answers)
+        self.assertEqual(set(answers) - {200, 503}, set())
+        self.assertEqual(get(self.sock)[0], 200)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "every slot freed")
+        self.assertEqual(os.statvfs(spool).f_bfree, os.statvfs(spool).f_blocks)  # files gone
+        self.assertEqual(server.log().count("Traceback"), 0, server.log())
+        # The timeouts of the others still run: a silent client gets its 408.
+        with connect(self.sock) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            self.assertEqual(Responses(sock).next()[1], 408)
 
     def test_lines_that_could_not_be_written_are_counted_and_said_once(self):
         class Flaky(io.StringIO):

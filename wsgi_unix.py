@@ -1067,7 +1067,11 @@ def _send_file(sock, fd, offset, count, progress):
 class _BodySink:
     """A request body as it is received: in memory up to BODY_IN_MEMORY bytes, beyond that in
     an anonymous temporary file.  ``finish()`` returns it as wsgi.input: a file positioned at
-    its start that ends where the body ends (read, readline and iteration are io's, in C)."""
+    its start that ends where the body ends (read, readline and iteration are io's, in C).
+
+    The file is written unbuffered, so that a full disk shows at the write (503) and never
+    later, in a flush outside the request's error path.
+    """
 
     def __init__(self):
         self.size = 0
@@ -1082,12 +1086,15 @@ class _BodySink:
                 return
             import tempfile  # only here: most bodies never need it
             try:
-                self._file = tempfile.TemporaryFile()
+                self._file = tempfile.TemporaryFile(buffering=0)
             except OSError as exc:
                 raise _HTTPError(503, f"no room for the request body ({exc.strerror})") from None
             data, self._memory = self._memory, None
         try:
-            self._file.write(data)
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += self._file.write(view[written:])
         except OSError as exc:
             raise _HTTPError(503, f"no room for the request body ({exc.strerror})") from None
 
@@ -1095,7 +1102,7 @@ class _BodySink:
         if self._file is None:
             return io.BytesIO(self._memory)
         self._file.seek(0)
-        return self._file
+        return io.BufferedReader(self._file)
 
 
 # --- §5 The engine ------------------------------------------------------------------------
@@ -1463,7 +1470,12 @@ class _Engine:
         for key, _ in events:
             conn = key.data
             if conn is not None:
-                self._on_readable(conn)
+                try:
+                    self._on_readable(conn)
+                except Exception:  # a bug, or a fault we did not foresee: this one pays
+                    self.server.handle_error(conn.sock, conn.address)
+                    if conn.state in (_HEAD, _BODY, _IDLE, _LINGER):
+                        self._close(conn, reset=True)
             elif key.fileobj is self.listener:
                 self._accept()
             else:
