@@ -3425,7 +3425,7 @@ class KeepAliveTests(ServerTestCase):
             for _ in range(size // 100):
                 sink.write(b"x" * 100)
             body = sink.finish()
-            self.assertIsInstance(body, (io.BytesIO, io.BufferedRandom))
+            self.assertIsInstance(body, (io.BytesIO, io.BufferedReader))
             self.assertEqual((len(body.readline()), body.read()), (size, b""))
             body.close()
 
@@ -3504,6 +3504,25 @@ class KeepAliveTests(ServerTestCase):
             self.assertEqual(len(responses.next()[3]), 70000)
             self.assertEqual(json.loads(responses.next()[3])["PATH_INFO"], "/env")
             self.assertTrue(responses.closed())
+
+    def test_one_pipelining_client_does_not_starve_the_others(self):
+        # The thread that took a pipelining connection served its queued requests back to
+        # back: a lone client waited 4.3 s (median) beside one that pipelined requests of 2 ms.
+        self.start_app("--quiet", self.sock)
+        with connect(self.sock) as greedy:
+            sender = threading.Thread(target=greedy.sendall,
+                                      args=(request_bytes("/counted?0.002", close=False) * 400,))
+            sender.start()
+            responses, waits = Responses(greedy), []
+            for number in range(400):
+                self.assertEqual(responses.next()[1], 200)
+                if number % 40 == 20:  # a lone client, now and then
+                    started = time.monotonic()
+                    self.assertEqual(get(self.sock)[0], 200)
+                    waits.append(time.monotonic() - started)
+            sender.join(DEADLINE)
+        waits.sort()
+        self.assertLess(waits[len(waits) // 2], 0.1, waits)
 
     def test_a_request_that_cannot_be_framed_ends_the_connection(self):
         self.start_app()

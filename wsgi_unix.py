@@ -1356,6 +1356,7 @@ class _Engine:
         self._all_closed = threading.Condition(self.lead.lock)
         self.stopping = self._stop_done = False
         self.serving = {}  # thread ident -> (since, request) while it runs an app
+        self._pipelined = deque()  # connections whose next request waits for a look around
         self._scan_every = poll_interval
         self._next_scan = 0.0
         self._unix = self.listener.family == socket.AF_UNIX
@@ -1441,7 +1442,12 @@ class _Engine:
                 # sending its next request already, which gets STOP_LINGER as on an idle one.
                 wait = min(wait, STOP_LINGER)
             conn.deadline = time.monotonic() + wait
-            self._advance(conn)
+            if conn.reader.buffer:
+                # Its next request is here already (pipelined): it takes its turn behind what
+                # the selector says now, or one client could keep a thread to itself.
+                self._pipelined.append(conn)
+            else:
+                self._park(conn)
 
     def _rejoin(self, conn):
         """A connection handed back to the leader goes on: close, linger or read."""
@@ -1464,7 +1470,7 @@ class _Engine:
         elif not self.accepting and not self.stopping:
             self._maybe_resume_accepting(now)
         timeout = max(0.0, min(self._next_scan, self._resume_accept_at or self._next_scan) - now)
-        events = self.selector.select(timeout)
+        events = self.selector.select(0 if self._pipelined else timeout)
         if not events and time.monotonic() - now >= IDLE_AFTER:
             self.lead.idle()
         for key, _ in events:
@@ -1483,6 +1489,10 @@ class _Engine:
                     self._wake_r.recv(4096)
                 except OSError:
                     pass
+        for _ in range(len(self._pipelined)):
+            conn = self._pipelined.popleft()
+            if conn.state == _HEAD:  # (not read on since, nor closed)
+                self._advance(conn)
         now = time.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + (0.05 if self.stopping else self._scan_every)
