@@ -1562,6 +1562,15 @@ class ApplicationFaultTests(ServerTestCase):
         self.assertIn('"GET /error-after-headers HTTP/1.1" 200 ', lines[2])
         self.assertNotIn("GET /", server.log())  # the access log went to the file only
 
+    def test_an_access_line_cannot_be_forged_and_stays_under_pipe_buf(self):
+        server = self.start_app(self.sock)
+        agent = 'evil" 200 0 "-" "forged' + "z" * 60000
+        self.assertEqual(get(self.sock, "/", headers={"User-Agent": agent})[0], 200)
+        line = server.wait_line('"GET / HTTP/1.1" 200')
+        self.assertIn('"evil\\x22 200 0 \\x22-\\x22 \\x22forged', line)
+        self.assertEqual(line.count('"'), 6)  # the request line, referer, user agent
+        self.assertLess(len(line.encode()), 4096)
+
     def test_the_access_log_to_stdout_and_a_quiet_client_that_left(self):
         proc = subprocess.Popen([sys.executable, SERVER, "--access-log", "-", "--app",
                                  "testapp:app", self.sock], cwd=self.dir, stdout=subprocess.PIPE,
@@ -2977,6 +2986,36 @@ def drawn_moves(text):
         if match and match.group(1) in wsgi_unix._MOVES:
             moves[match.group(1)] = {state.strip() for state in match.group(2).split("|")}
     return moves
+
+
+class CGIOutputTests(unittest.TestCase):
+    """The command app's CGI output parser (§9), on bytes."""
+
+    def test_status_lines(self):
+        # (what the command prints, the status that goes out; None: a 502)
+        table = [(b"Status: 201 Made\n\n", "201 Made"), (b"Status: 404\n\n", "404 Not Found"),
+                 (b"Status: 299\n\n", "299 Unknown"), (b"Status: 599 Odd\n\n", "599 Odd"),
+                 (b"Location: /x\n\n", "302 Found"), (b"Content-Type: a/b\n\n", "200 OK"),
+                 (b"Status: 100\n\n", None), (b"Status: 103 Early Hints\n\n", None),
+                 (b"Status: 600\n\n", None), (b"Status: OK\n\n", None), (b"no blank line", None)]
+        for output, status in table:
+            with self.subTest(output=output):
+                if status is None:
+                    with self.assertRaises(ValueError):
+                        wsgi_unix._parse_cgi_output(output)
+                else:
+                    self.assertEqual(wsgi_unix._parse_cgi_output(output)[0], status)
+
+
+class AccessLogFieldTests(unittest.TestCase):
+    """A field of an access line (§6): escaped as nginx does, and cut short."""
+
+    def test_fields(self):
+        table = [('plain', 'plain'), ('a"b', 'a\\x22b'), ('back\\slash', 'back\\\\slash'),
+                 ('new\nline', 'new\\x0aline'), ('x' * 900, 'x' * 797 + '...')]
+        for text, logged in table:
+            with self.subTest(text=text[:20]):
+                self.assertEqual(wsgi_unix._log_field(text, 800), logged)
 
 
 class ConnectionMovesTests(unittest.TestCase):

@@ -2009,6 +2009,18 @@ class WSGIServer(simple_server.WSGIServer):
             _log_write(sys.stderr, f"{_WHO}: {message}\n" if prefix else message + "\n")
 
 
+# In a quoted field of an access line, " and \ are escaped too (as nginx does): a client
+# cannot end the field and write one of its own.
+_LOG_FIELD_ESCAPES = {**_LOG_ESCAPES, ord('"'): "\\x22"}
+
+
+def _log_field(text, most):
+    """A field of an access line: escaped, and cut to ``most`` characters (the whole line
+    stays under PIPE_BUF, 4,096 bytes, so that it is written whole)."""
+    text = text.translate(_LOG_FIELD_ESCAPES)
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 def _log_time():
     """The log's time as nginx writes it: local time with its zone, 29/Nov/2026:15:07:06 +0000."""
     now = time.localtime()
@@ -2120,11 +2132,14 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         environ = getattr(self, "environ", {})
         if stream is True:
             stream = sys.stderr
-        line = '%s - - [%s] "%s" %s %s "%s" "%s" %.3f' % (
-            environ.get("REMOTE_ADDR") or "-", _log_time(), self.requestline, code, size,
-            environ.get("HTTP_REFERER", "-"), environ.get("HTTP_USER_AGENT", "-"),
+        line = '%s - - [%s] "%s" %s %s "%s" "%s" %.3f\n' % (
+            _log_field(environ.get("REMOTE_ADDR") or "-", 100), _log_time(),
+            _log_field(self.requestline, 2000), code, size,
+            _log_field(environ.get("HTTP_REFERER", "-"), 800),
+            _log_field(environ.get("HTTP_USER_AGENT", "-"), 800),
             time.monotonic() - getattr(self, "started", time.monotonic()))
-        _log_write(stream, line.translate(_LOG_ESCAPES) + "\n")
+        _log_write(stream, line)  # under PIPE_BUF: one write(), whole, beside other workers'
+
 
     def log_message(self, format, *args):
         """One line on stderr, with control characters escaped (no log injection)."""
@@ -3248,7 +3263,10 @@ def _parse_cgi_output(output):
         if name.lower() == "status":
             if not _STATUS.match(value if " " in value else value + " "):
                 raise ValueError(f"malformed Status {value!r}")
-            status = value if " " in value else f"{value} {http.HTTPStatus(int(value)).phrase}"
+            code = int(value[:3])
+            if not 200 <= code <= 599:  # a 1xx is not an answer: the client would wait on
+                raise ValueError(f"Status {code} is not a final status (200 to 599)")
+            status = value if " " in value else f"{code} {_phrase(code)}"
         elif name.lower() == "content-length" or wsgiref_util.is_hop_by_hop(name):
             continue  # the server frames the response itself
         else:
@@ -3257,6 +3275,14 @@ def _parse_cgi_output(output):
         location = any(name.lower() == "location" for name, _ in headers)
         status = "302 Found" if location else "200 OK"
     return status, headers, output[end.end():]
+
+
+def _phrase(code):
+    """The reason phrase of a status, or a neutral one for a code Python does not know."""
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def _command_path():
