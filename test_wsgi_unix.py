@@ -1186,6 +1186,22 @@ class MalformedRequestTests(ServerTestCase):
             self.assertEqual(get(self.sock)[0], 200)
         self.assertNotIn("Traceback", server.log())
 
+    def test_refusals_in_a_loop_are_logged_a_few_a_second(self):
+        # A refused client reconnecting in a loop wrote 100,092 lines (7 MB) in 16 s.
+        server = self.start_app("--quiet", self.sock)
+        for _ in range(300):
+            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n")), 400)
+
+        def summary():
+            raw_request(self.sock, b"NONSENSE\r\n\r\n")
+            return "more refusals were not logged" in server.log()
+        wait_for(summary, "the line that counts the rest")
+        refusals = [line for line in server.log().splitlines() if '"NONSENSE" 400' in line]
+        self.assertLess(len(refusals), 100)
+        counted = sum(int(line.split(": ")[1].split()[0]) for line in server.log().splitlines()
+                      if "more refusals were not logged" in line)
+        self.assertGreaterEqual(len(refusals) + counted, 300)
+
     def test_a_client_that_hangs_up_before_its_error_answer_costs_one_line_not_a_traceback(self):
         server = self.start_app()
         for data, _ in self.CASES * 3:
@@ -1748,7 +1764,7 @@ class LoadTests(ServerTestCase):
             for sock in idle:
                 sock.close()
         self.assertEqual(get(self.sock)[0], 200)
-        server.wait_line("accept() failed")
+        server.wait_line("--max-connections lowered from 1024 to 16")  # (and EMFILE evicts)
 
     def test_sigterm_with_every_descriptor_taken_still_removes_the_socket_file(self):
         import resource
@@ -1757,7 +1773,7 @@ class LoadTests(ServerTestCase):
                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
         idle = open_idle(self.sock, 100)  # 64 descriptors are soon taken
         try:
-            server.wait_line("accept() failed")
+            server.wait_line("every connection slot is taken")
             server.signal(signal.SIGTERM)
             self.assertEqual(server.wait(), 0, server.log())  # it exited 1, leaving the file
         finally:
@@ -2245,6 +2261,25 @@ class CommandAppTests(ServerTestCase):
         self.assertLess(time.monotonic() - started, 5.0)
         child = read_pid(pidfile)
         wait_for(lambda: not process_alive(child), "the background child to be killed")
+
+    def test_a_commands_stderr_is_capped_in_the_log(self):
+        # One 3 s request wrote 23.7 MB of log.
+        server = self.serve_command("sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' 'e' >&2; "
+                                    "echo out")
+        self.assertEqual(get(self.sock)[0::2], (200, b"out\n"))
+        line = server.wait_line("more bytes of stderr, not logged")
+        dropped = int(line.split("(and ")[1].split()[0])
+        self.assertEqual(len(server.log()) < 200000, True)
+        self.assertGreater(dropped, 1000000 - wsgi_unix.COMMAND_LOG_MAX - 1)
+
+    def test_a_client_that_half_closes_after_its_request_gets_its_answer(self):
+        # nc -N and socat shut their sending side once the request is out: that is no leaving.
+        self.serve_command("sh", "-c", "sleep 0.2; echo done")
+        for _ in range(3):
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes("/"))
+                sock.shutdown(socket.SHUT_WR)
+                self.assertEqual(Responses(sock).next()[1::2], (200, b"done\n"))
 
     def test_a_client_that_leaves_after_sending_more_gets_its_command_killed(self):
         pidfile = os.path.join(self.dir, "pid")
@@ -2953,6 +2988,13 @@ class RequestReaderTests(unittest.TestCase):
                     self.assertEqual(refusal(data, step, max_body=limit), 413)
         self.assertEqual(read_all(CHUNKED + b"a\r\n0123456789\r\n0\r\n\r\n", max_body=limit)[0][0][5],
                          b"0123456789")
+        # What a body costs beyond its bytes counts too: 41 MB of chunk extensions passed a
+        # 1M limit.
+        for padded in (CHUNKED + b"1;" + b"e" * 20 + b"\r\nx\r\n0\r\n\r\n",
+                       CHUNKED + b"1\r\nx\r\n0\r\nX-Trailer: " + b"t" * 20 + b"\r\n\r\n"):
+            for step in (None, 1):
+                with self.subTest(data=padded[60:], step=step):
+                    self.assertEqual(refusal(padded, step, max_body=limit), 413)
 
     def test_a_large_body_goes_to_a_temporary_file_and_reads_back_whole(self):
         body = os.urandom(3 * wsgi_unix.BODY_IN_MEMORY)
@@ -3012,7 +3054,8 @@ class AccessLogFieldTests(unittest.TestCase):
 
     def test_fields(self):
         table = [('plain', 'plain'), ('a"b', 'a\\x22b'), ('back\\slash', 'back\\\\slash'),
-                 ('new\nline', 'new\\x0aline'), ('x' * 900, 'x' * 797 + '...')]
+                 ('new\nline', 'new\\x0aline'), ('x' * 900, 'x' * 797 + '...'),
+                 ('\u00e9' * 500, '\u00e9' * 398 + '...')]  # bytes of UTF-8 count, not characters
         for text, logged in table:
             with self.subTest(text=text[:20]):
                 self.assertEqual(wsgi_unix._log_field(text, 800), logged)
@@ -3563,6 +3606,28 @@ class KeepAliveTests(ServerTestCase):
         waits.sort()
         self.assertLess(waits[len(waits) // 2], 0.1, waits)
 
+    def test_clients_that_pipeline_and_never_read_hold_no_thread(self):
+        # Each thread was held in send() for --timeout by a client that sent many requests in
+        # one go and read none of the answers: a normal client waited ~30 s per answer.
+        self.start_app("--threads", "2", "--quiet", self.sock)
+        hogs = []
+        try:
+            for _ in range(4):
+                sock = connect(self.sock)
+                sock.setblocking(False)
+                try:
+                    sock.send(request_bytes("/big?65536", close=False) * 50)
+                except BlockingIOError:
+                    pass
+                hogs.append(sock)
+            for _ in range(5):
+                started = time.monotonic()
+                self.assertEqual(get(self.sock, timeout=5)[0], 200)
+                self.assertLess(time.monotonic() - started, 2.0)
+        finally:
+            for sock in hogs:
+                sock.close()
+
     def test_a_request_that_cannot_be_framed_ends_the_connection(self):
         self.start_app()
         with connect(self.sock) as sock:
@@ -3690,6 +3755,93 @@ class ConnectionSlotTests(ServerTestCase):
                 for sock in holders:
                     sock.close()
 
+    def test_the_user_holding_the_most_slots_gives_way_first(self):
+        # A local process churning connections got nginx's pooled ones closed (273 of 90,075
+        # POSTs got 502): the oldest idle connection was the proxy's.
+        self.start_app("--mode", "666", "--max-connections", "6", self.sock)
+        pooled = []
+        for _ in range(2):  # ours: the "proxy", connected first
+            sock = connect(self.sock)
+            sock.sendall(request_bytes("/", close=False))
+            self.assertEqual(Responses(sock).next()[1], 200)
+            pooled.append(sock)
+        churner = subprocess.Popen([python_for_nobody(), "-c", (
+            "import socket, sys\n"
+            "held = []\n"
+            "for _ in range(4):\n"
+            "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "    s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); s.recv(65536)\n"
+            "    held.append(s)\n"
+            "print('held', flush=True); sys.stdin.read()\n"), self.sock],
+            preexec_fn=as_nobody, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(churner.wait)
+        self.addCleanup(churner.stdin.close)
+        self.assertEqual(churner.stdout.readline(), b"held\n")  # six slots taken: full
+        self.assertEqual(get(self.sock)[0], 200)  # a seventh: one of nobody's four gives way
+        for sock in pooled:  # ours were left alone
+            sock.sendall(request_bytes("/", close=False))
+            self.assertEqual(Responses(sock).next()[1], 200)
+            sock.close()
+
+    def test_a_full_server_closes_nothing_until_someone_waits(self):
+        # The tenth idle connection made the oldest close at once, though no one waited for a
+        # slot: behind a proxy, a pooled connection closed under it.
+        self.start_app("--max-connections", "10", self.sock)
+        holders = []
+        for _ in range(10):
+            sock = connect(self.sock)
+            sock.sendall(request_bytes("/", close=False))
+            self.assertEqual(Responses(sock).next()[1], 200)
+            holders.append(sock)
+        try:
+            for sock in holders:  # all ten still serve
+                sock.sendall(request_bytes("/", close=False))
+                self.assertEqual(Responses(sock).next()[1], 200)
+            self.assertEqual(get(self.sock)[0], 200)  # an eleventh: the oldest idle gives way
+        finally:
+            for sock in holders:
+                sock.close()
+
+    def test_memory_taken_by_a_flood_of_large_heads_is_given_back(self):
+        # 1,000 unfinished 198 KB heads took RSS from 29 to 244 MiB, and 220 MiB stayed after
+        # they left.
+        server = self.start_app("--quiet", self.sock)
+        pid = server.proc.pid
+        before = process_rss_kb(pid)
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 198000  # no end: unfinished
+        flood = []
+        for _ in range(300):
+            sock = connect(self.sock)
+            sock.sendall(head)
+            flood.append(sock)
+        wait_for(lambda: process_rss_kb(pid) > before + 40000, "the heads to take memory")
+        for sock in flood:
+            sock.close()
+        self.assertEqual(get(self.sock)[0], 200)
+        wait_for(lambda: process_rss_kb(pid) < before + 20000, "the memory to be given back")
+
+    def test_a_low_limit_on_open_files_lowers_max_connections_and_still_serves(self):
+        # Under 64 descriptors, 60 idle keep-alive clients took them all: accept() failed with
+        # EMFILE, nothing gave way, and a new client waited for the whole keep-alive time.
+        import resource
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        server = self.start_app("--threads", "2", self.sock, preexec_fn=limit)
+        line = server.wait_line("--max-connections lowered")
+        self.assertIn("from 1024 to 40: the limit on open files is 64", line)
+        holders = []
+        try:
+            for _ in range(60):
+                sock = connect(self.sock)
+                sock.sendall(request_bytes("/", close=False))
+                holders.append(sock)
+            started = time.monotonic()
+            self.assertEqual(get(self.sock, timeout=5)[0], 200)
+            self.assertLess(time.monotonic() - started, 2.0)
+        finally:
+            for sock in holders:
+                sock.close()
 
 class StopTests(ServerTestCase):
     def test_sigterm_closes_idle_connections_and_exits_at_once(self):
@@ -3926,6 +4078,21 @@ class WorkerTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
+
+    def test_a_killed_workers_running_command_is_killed(self):
+        # Its command came to the master, which let it run on (sleep 20 alive 10 s later).
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.start("--workers", "2", "--command-timeout", "30", self.sock, "--",
+                            "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30", ready=False)
+        server.wait_line("serving on")
+        client = connect(self.sock)
+        self.addCleanup(client.close)
+        client.sendall(request_bytes("/"))
+        command = wait_for(lambda: read_pid(pidfile), "the command to start")
+        with open(f"/proc/{command}/stat") as f:
+            worker = int(f.read().rsplit(")", 1)[1].split()[1])  # its parent
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{command}"), "the command to be killed")
 
     def test_an_app_that_cannot_load_at_start_up_fails_once_with_status_1(self):
         with open(os.path.join(self.dir, "broken.py"), "w") as f:

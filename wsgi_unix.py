@@ -133,11 +133,15 @@ LINGER_SECONDS = 5.0
 HAND_OVER_ABOVE = 0.001
 # How long one request served inline may keep the leader before a follower takes over.
 PROMOTE_AFTER = 0.01
-# A leader that waited this long in the selector for nothing finds the server idle.
+# A leader that waited this long in the selector for nothing finds the server idle; then,
+# if this many connections closed since it last did, it returns freed memory to the system.
 IDLE_AFTER = 0.1
+TRIM_AFTER_CLOSED = 100
 # After an accept() that found a connection, how many more the leader may try before it looks
 # at the selector again (a select() per connection cost 25 % of the close c=16 rate).
 ACCEPTS_IN_A_ROW = 16
+# Refusals (400, 403, 408, ...) logged a second at most; the rest are counted in one line.
+REFUSALS_LOGGED = 20
 # How long to wait for the socket directory's lock (held for a moment by another starter;
 # for longer, by someone who may read the directory), at start-up and at exit.
 LOCK_WAIT = 5.0
@@ -225,6 +229,34 @@ def _flush_standard_streams():
             stream.flush()
         except (AttributeError, OSError, ValueError):
             pass  # none (pythonw), closed, or a dead pipe: nothing to keep
+
+
+def _descriptors_kept(threads):
+    """Descriptors kept for other uses than connections: ours (listener, selector, pipes, logs)
+    and, per thread, what one request may open (a spooled body, a command's pipes)."""
+    return 16 + 4 * threads
+
+
+def _descriptor_room(threads):
+    """How many connections the limit on open files leaves room for (None: no limit known)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft - _descriptors_kept(threads)
+
+
+def _raise_descriptor_limit():
+    """The soft limit on open files up to the hard one, where allowed: systemd gives services
+    1,024 soft (and 524,288 hard), fewer than --max-connections and the rest need."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not Unix, or a hard limit the kernel will not grant: the server says what it got
 
 
 # --- §2 Addresses and the socket file ----------------------------------------------------
@@ -549,7 +581,7 @@ class ListenAddress:
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         _log_write(sys.stderr, f"{PROG}: {self}: left the socket file: the lock on its "
-                                         f"directory is held by {_lock_holder(directory)}\n")
+                                               f"directory is held by {_lock_holder(directory)}\n")
                         return
                     time.sleep(0.05)
             self._unlink_own_file()
@@ -661,6 +693,7 @@ _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + _TOKEN_CHARS + rb"+(?:[ \t]*=[ \t]*(?:" + _TOKEN_CHARS
     + rb"+|" + _QUOTED + rb"))?)*\r?\n")
 _MAX_CHUNK_DIGITS = 15  # 2**60 bytes: any more is no real body
+_PLAIN_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # no extension: the fast path
 # Header fields that are one value, never a list: two different values are refused.
 _SINGLETONS = {"host", "content-type", "content-length", "authorization"}
 _FRAMING_FIELDS = _SINGLETONS | {"transfer-encoding", "connection", "expect"}
@@ -798,6 +831,8 @@ def _read_framing(request):
 class _LengthDecoder:
     """The body of a request with a Content-Length: that many bytes, then the next request."""
 
+    extra = 0  # bytes the body costs beyond its own (see _ChunkedDecoder)
+
     def __init__(self, length):
         self.left = length
 
@@ -824,6 +859,7 @@ class _ChunkedDecoder:
 
     def __init__(self):
         self._state, self._left, self._trailers = self._SIZE, 0, 0
+        self.extra = 0  # bytes of chunk extensions and trailers: they count against the limit
 
     @property
     def done(self):
@@ -849,6 +885,20 @@ class _ChunkedDecoder:
                 if data[pos:pos + 1] == b"\r" and pos + 1 == end:
                     break  # the LF is still to come
                 raise _HTTPError(400, "chunk data longer than its size")
+            if self._state == self._SIZE:
+                # Whole small chunks in a row, each in one step (1-byte chunks cost 330 ns a
+                # byte one state at a time); anything else takes the general path below.
+                plain = _PLAIN_CHUNK_LINE.match(data, pos)
+                while plain is not None:
+                    start = plain.end()
+                    stop = start + int(plain.group(1), 16)
+                    if stop == start or data[stop:stop + 2] != b"\r\n":
+                        break
+                    pieces.append(bytes(data[start:stop]))
+                    pos = stop + 2
+                    plain = _PLAIN_CHUNK_LINE.match(data, pos)
+                if pos >= end:
+                    break
             newline = data.find(b"\n", pos, pos + MAX_LINE + 1)
             if newline < 0:
                 if end - pos > MAX_LINE:
@@ -862,6 +912,8 @@ class _ChunkedDecoder:
                 if len(digits) > _MAX_CHUNK_DIGITS:
                     raise _HTTPError(413, "chunk size too large")
                 self._left = int(digits or b"0", 16)
+                self.extra += match.end() - pos - len(match.group(1)) - (
+                    2 if data[newline - 1:newline] == b"\r" else 1)
                 self._state = self._DATA if self._left else self._TRAILER
             else:  # a trailer line, or the blank line that ends the body
                 line = data[pos:newline]
@@ -871,6 +923,7 @@ class _ChunkedDecoder:
                     self._state = self._DONE
                 else:
                     self._trailers += 1
+                    self.extra += newline + 1 - pos
                     if self._trailers > MAX_HEADERS:
                         raise _HTTPError(431, "too many trailer lines")
                     name = _header_field(bytes(line))[0].lower()
@@ -944,9 +997,10 @@ class _RequestReader:
         pieces, used = self._decoder.decode(self.buffer)
         if used:
             del self.buffer[:used]
-        for piece in pieces:
-            self._sink.write(piece)
-        if self._sink.size > self.max_body:
+        if pieces:
+            self._sink.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        # What a body costs beyond its bytes counts too: chunk extensions, trailers.
+        if self._sink.size + self._decoder.extra > self.max_body:
             raise _HTTPError(413, f"the request body is over {self.max_body} bytes")
         if not self._decoder.done:
             return None
@@ -1107,6 +1161,15 @@ class _BodySink:
 
 # --- §5 The engine ------------------------------------------------------------------------
 
+def _malloc_trim():
+    """glibc's malloc_trim(0): free memory back to the system (a no-op elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # A connection's states.  Waiting in the selector: _HEAD (awaiting a request head, or the rest
 # of one), _BODY (head parsed, body arriving), _IDLE (between requests), _LINGER (answered an
 # error, discarding what still comes).  Handled by a thread: _READY (a whole request, queued)
@@ -1116,6 +1179,9 @@ _HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING, _CLOSED = (
 
 # The moves between them: _Connection.move() makes every one and refuses any other, and the
 # drawing in _Engine's docstring (and the README's) is checked against this table by a test.
+# Those that may give way to a new connection when every slot is taken, in that order.
+_EVICTABLE = (_IDLE, _LINGER, _HEAD, _BODY)
+
 _MOVES = {
     _HEAD: {_BODY, _READY, _LINGER, _CLOSED},
     _BODY: {_READY, _LINGER, _CLOSED},
@@ -1142,7 +1208,7 @@ class _Connection:
         self.progress = None  # _Progress of the body being received
         self.served = 0  # requests answered on it
         self.request = None  # the complete request, from ready to answered
-        self.registered = False  # in the selector
+        self.registered = 0  # in the selector: for what (EVENT_READ, or EVENT_WRITE)
         self.outcome = None  # how its response ended, for the leader to act on
 
     def move(self, state):
@@ -1357,6 +1423,7 @@ class _Engine:
         self.stopping = self._stop_done = False
         self.serving = {}  # thread ident -> (since, request) while it runs an app
         self._pipelined = deque()  # connections whose next request waits for a look around
+        self._closed_since_trim = 0  # connections closed since the last _malloc_trim()
         self._scan_every = poll_interval
         self._next_scan = 0.0
         self._unix = self.listener.family == socket.AF_UNIX
@@ -1473,10 +1540,19 @@ class _Engine:
         events = self.selector.select(0 if self._pipelined else timeout)
         if not events and time.monotonic() - now >= IDLE_AFTER:
             self.lead.idle()
-        for key, _ in events:
+            if self._closed_since_trim >= TRIM_AFTER_CLOSED:
+                # Many connections went (a flood of large heads, say): give what their buffers
+                # took back to the system, which glibc's malloc keeps otherwise.
+                self._closed_since_trim = 0
+                _malloc_trim()
+        for key, mask in events:
             conn = key.data
             if conn is not None:
                 try:
+                    if conn.registered == selectors.EVENT_WRITE:  # it reads its answers again
+                        self._park(conn)
+                        self._advance(conn)
+                        continue
                     self._on_readable(conn)
                 except Exception:  # a bug, or a fault we did not foresee: this one pays
                     self.server.handle_error(conn.sock, conn.address)
@@ -1491,23 +1567,32 @@ class _Engine:
                     pass
         for _ in range(len(self._pipelined)):
             conn = self._pipelined.popleft()
-            if conn.state == _HEAD:  # (not read on since, nor closed)
-                self._advance(conn)
+            if conn.state != _HEAD:
+                continue  # read on since, or closed
+            if not select.select([], [conn.sock], [], 0)[1]:
+                # Its answers are not being read: serving the next would hold a thread in
+                # send() for --timeout.  Read no more from it until it reads (its requests
+                # wait in the kernel); past its deadline it gets 408, or is closed.
+                self._park(conn, selectors.EVENT_WRITE)
+                continue
+            self._advance(conn)
         now = time.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + (0.05 if self.stopping else self._scan_every)
             self._expire(now)
 
-    def _park(self, conn):
+    def _park(self, conn, events=selectors.EVENT_READ):
         if not conn.registered:
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.registered = True
+            self.selector.register(conn.sock, events, conn)
             self.waiting[conn] = None
+        elif conn.registered != events:
+            self.selector.modify(conn.sock, events, conn)
+        conn.registered = events
 
     def _unpark(self, conn):
         if conn.registered:
             self.selector.unregister(conn.sock)
-            conn.registered = False
+            conn.registered = 0
             del self.waiting[conn]
 
     def _accept(self):
@@ -1515,14 +1600,21 @@ class _Engine:
         server = self.server
         accepted = 0
         for _ in range(64):  # then let the connections already here have their turn
-            if self.open >= server.max_connections and not self._evict_one():
-                self._pause_accepting(None)  # until a slot is free
-                break
+            if self.open >= server.max_connections:
+                # Full: a connection gives way only to one that is waiting to be accepted
+                # (an idle one may be a proxy's pooled connection, about to be used).
+                if not select.select([self.listener], [], [], 0)[0]:
+                    break
+                if not self._evict_one():
+                    self._pause_accepting(None)  # until a slot is free
+                    break
             try:
                 sock, address = self.listener.accept()
             except BlockingIOError:
                 break
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._evict_one():
+                    continue  # out of descriptors counts as full: the longest-waiting gives way
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: the connection stays in the backlog, and
                     # retrying at once would spin a core; wait for others to close.
@@ -1574,19 +1666,31 @@ class _Engine:
     def _maybe_resume_accepting(self, now):
         if self._resume_accept_at is not None and now < self._resume_accept_at:
             return
-        if self._resume_accept_at is None and self.open >= self.server.max_connections:
-            return
+        if (self._resume_accept_at is None and self.open >= self.server.max_connections
+                and not any(conn.state in _EVICTABLE for conn in self.waiting)):
+            return  # full of connections being served: until one closes, or may give way
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.accepting, self._resume_accept_at = True, None
 
     def _evict_one(self):
         """Close the connection that has waited longest in the selector, idle ones first, so
-        that slots held by idle or unfinished connections never lock a new client out."""
-        victim = next((conn for conn in self.waiting if conn.state in (_IDLE, _LINGER)), None)
-        if victim is None:
-            victim = next((conn for conn in self.waiting if conn.state in (_HEAD, _BODY)), None)
-            if victim is None:
-                return False
+        that slots held by idle or unfinished connections never lock a new client out.  Of a
+        Unix socket's peers, the user holding the most slots gives way first: a local process
+        churning connections must not push out a proxy's pooled ones."""
+        for states in _EVICTABLE[:2], _EVICTABLE[2:]:
+            candidates = [conn for conn in self.waiting if conn.state in states]
+            if candidates:
+                break
+        else:
+            return False
+        victim = candidates[0]
+        if victim.peer is not None:
+            slots = {}
+            for conn in self.waiting:
+                if conn.peer is not None:
+                    slots[conn.peer[1]] = slots.get(conn.peer[1], 0) + 1
+            victim = max(candidates, key=lambda conn: slots.get(conn.peer and conn.peer[1], 0))
+        if victim.state in (_HEAD, _BODY):
             self.server.log_line("every connection slot is taken: closing the connection that "
                                  "has waited longest (--max-connections)", once=True)
         self._close(victim)
@@ -1712,6 +1816,7 @@ class _Engine:
             conn.sock.close()
         except OSError:
             pass
+        self._closed_since_trim += 1  # (a count for a hint: no lock)
         with self.lead.lock:
             self.open -= 1
             if not self.open:
@@ -1855,6 +1960,7 @@ class WSGIServer(simple_server.WSGIServer):
         self._stopped = threading.Event()
         self._engine = None
         self._logged = set()  # messages said once
+        self._refusals_since, self._refusals_logged, self._refusals_unlogged = 0.0, 0, 0
         self.on_ready = None  # see serve_forever()
         # At a stop, leave the connections queued in the backlog to whoever else listens on
         # the socket (systemd's next start), rather than serve them first.
@@ -1863,6 +1969,12 @@ class WSGIServer(simple_server.WSGIServer):
                                             or _PEERCRED is None):
             self.server_close()
             raise ServeError(f"{self}: --allow-uid needs a Unix socket, and SO_PEERCRED (Linux)")
+        room = _descriptor_room(self.threads)
+        if room is not None and self.max_connections > room:
+            self.log_line(f"--max-connections lowered from {self.max_connections} to {room}: "
+                          f"the limit on open files is {room + _descriptors_kept(self.threads)}"
+                          f" (raise LimitNOFILE=, or ulimit -n)")
+            self.max_connections = max(1, room)
 
     def __str__(self):
         return str(self.listen_address)
@@ -1995,7 +2107,19 @@ class WSGIServer(simple_server.WSGIServer):
                                f"from {client_address}\n{traceback.format_exc()}{'-' * 40}\n")
 
     def log_refusal(self, connection, error):
-        """One log line for a request we refused ourselves (always, even without access log)."""
+        """One log line for a request we refused ourselves (even without access log), at most
+        REFUSALS_LOGGED a second: a client refused in a loop must not fill the disk."""
+        now = time.monotonic()  # (only the leader refuses: no lock)
+        if now - self._refusals_since >= 1.0:
+            unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+            self._refusals_since, self._refusals_logged = now, 0
+            if unlogged:
+                self.log_line(f"{unlogged} more refusals were not logged (more than "
+                              f"{REFUSALS_LOGGED} a second)")
+        if self._refusals_logged >= REFUSALS_LOGGED:
+            self._refusals_unlogged += 1
+            return
+        self._refusals_logged += 1
         line = connection.reader.line
         client = "-" if self.address_family == socket.AF_UNIX else connection.address[0]
         self.log_line(f'{client} - - [{_log_time()}] "{line}" {error.status} - {error}',
@@ -2015,10 +2139,13 @@ _LOG_FIELD_ESCAPES = {**_LOG_ESCAPES, ord('"'): "\\x22"}
 
 
 def _log_field(text, most):
-    """A field of an access line: escaped, and cut to ``most`` characters (the whole line
+    """A field of an access line: escaped, and cut to ``most`` bytes of UTF-8 (the whole line
     stays under PIPE_BUF, 4,096 bytes, so that it is written whole)."""
     text = text.translate(_LOG_FIELD_ESCAPES)
-    return text if len(text) <= most else text[:most - 3] + "..."
+    if len(text) * 4 <= most:
+        return text  # (the usual case: short enough whatever it holds)
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= most else data[:most - 3].decode("utf-8", "ignore") + "..."
 
 
 def _log_time():
@@ -2134,9 +2261,9 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             stream = sys.stderr
         line = '%s - - [%s] "%s" %s %s "%s" "%s" %.3f\n' % (
             _log_field(environ.get("REMOTE_ADDR") or "-", 100), _log_time(),
-            _log_field(self.requestline, 2000), code, size,
-            _log_field(environ.get("HTTP_REFERER", "-"), 800),
-            _log_field(environ.get("HTTP_USER_AGENT", "-"), 800),
+            _log_field(self.requestline, 2600), code, size,
+            _log_field(environ.get("HTTP_REFERER", "-"), 500),
+            _log_field(environ.get("HTTP_USER_AGENT", "-"), 500),
             time.monotonic() - getattr(self, "started", time.monotonic()))
         _log_write(stream, line)  # under PIPE_BUF: one write(), whole, beside other workers'
 
@@ -2680,6 +2807,15 @@ class _Master:
             if worker is not None:  # else an orphan a command left us (the command app)
                 worker.channel.close()
                 self._ended(worker, status, now)
+                if _SUBREAPER:
+                    # The commands it was running came to us: nobody reads them any more.
+                    for child in _children():
+                        if child not in self.workers:
+                            _kill_group(child, signal.SIGKILL)  # a command leads its group
+                            try:
+                                os.kill(child, signal.SIGKILL)
+                            except OSError:
+                                pass  # gone with its group already
 
     def _ended(self, worker, status, now):
         if self.stopping or worker.retiring:
@@ -2811,6 +2947,7 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     need it).  Raises ServeError with the reason when it stops for a failure.
     """
     _checked(dict(DEFAULTS, workers=workers))
+    _raise_descriptor_limit()
     if workers > 1:
         return _Master(app, address, workers, options).run()
     if isinstance(app, str):
@@ -2827,12 +2964,12 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
 def _warn_about(server, options):
     if server.listen_address.kind == "abstract":
         _log_write(sys.stderr, f"{PROG}: warning: {server} is an abstract socket: anyone in this "
-                         f"network namespace can connect to it, and while this server is "
-                         f"down, bind it and receive its requests; a socket file is safer\n")
+                               f"network namespace can connect to it, and while this server is "
+                               f"down, bind it and receive its requests; a socket file is safer\n")
     elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
         # connect() needs write permission: "others" may send requests.
         _log_write(sys.stderr, f"{PROG}: warning: mode {options['mode']:o} lets every local user "
-                         f"connect to {server}; 660 with --group is the usual choice\n")
+                               f"connect to {server}; 660 with --group is the usual choice\n")
 
 
 def _serve_until_signal(server, on_ready):
@@ -3068,13 +3205,17 @@ class _CommandApp:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
         if client is not None:
-            # POLLRDHUP (Linux) says the client hung up even when it sent more bytes than its
-            # request; elsewhere a readable socket is peeked at.
-            poller.register(client, _CLIENT_HUNG_UP or select.POLLIN)
+            # A Unix client that closed its socket gives POLLHUP, one that only half-closed
+            # (nc -N, socat: done sending, still reading) none.  Over TCP the two look the same
+            # (a FIN): POLLRDHUP (Linux) says the client left even when it sent more bytes than
+            # its request; elsewhere a readable socket is peeked at.
+            unix = client.family == socket.AF_UNIX
+            poller.register(client, _CLIENT_CLOSED if unix else _CLIENT_HUNG_UP or select.POLLIN)
         exited = _pidfd(proc.pid)  # readable once the command has exited (Linux 5.3+)
         if exited is not None:
             poller.register(exited, select.POLLIN)
         output, size, sent, stderr_tail, done = [], 0, 0, b"", False
+        logged = dropped = 0  # bytes of its stderr
         try:
             while pipes:
                 left = deadline - time.monotonic()
@@ -3099,7 +3240,7 @@ class _CommandApp:
                             poller.unregister(stdin)
                             proc.stdin.close()
                     elif client is not None and fd == client.fileno():
-                        if _CLIENT_HUNG_UP or _client_gone(client):
+                        if unix or _CLIENT_HUNG_UP or _client_gone(client):
                             return "client gone", b""
                         poller.unregister(client)  # it sent more, so it is still there
                     else:
@@ -3116,6 +3257,10 @@ class _CommandApp:
                                 return "too much output", b""
                             output.append(data)
                             continue
+                        if dropped or logged + len(data) > COMMAND_LOG_MAX:
+                            dropped += len(data)  # read on (or it blocks), but log no more
+                            continue
+                        logged += len(data)
                         *lines, stderr_tail = (stderr_tail + data).split(b"\n")
                         if stderr_tail and (not data or len(stderr_tail) > MAX_LINE):
                             lines.append(stderr_tail)  # a last line without "\n", or a huge one
@@ -3126,6 +3271,9 @@ class _CommandApp:
                     done = True
             if stderr_tail:
                 self._log(environ, stderr_tail.decode("utf-8", "replace"))
+            if dropped:
+                self._log(environ, f"(and {dropped} more bytes of stderr, not logged: at most "
+                                   f"{COMMAND_LOG_MAX} are)")
             return "ok", b"".join(output)
         finally:
             if exited is not None:
@@ -3181,6 +3329,10 @@ def _nothing():
     pass
 
 
+# How much of one command's stderr goes to the log: the log is for messages, not a data
+# channel (a command that writes on gets the rest counted, not logged).
+COMMAND_LOG_MAX = 64 * 1024
+
 # How a command that did not succeed is answered: the status, and the reason (the client gets
 # it in the body, the log with the request).
 _FAILURES = {
@@ -3194,6 +3346,7 @@ _FAILURES = {
 # Linux: poll() flags a peer that hung up even while unread bytes wait (0 elsewhere).
 _CLIENT_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
                                                         select.POLLERR)
+_CLIENT_CLOSED = select.POLLHUP | select.POLLERR
 
 
 def _pidfd(pid):
