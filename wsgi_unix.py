@@ -1545,7 +1545,13 @@ class _Engine:
                 # took back to the system, which glibc's malloc keeps otherwise.
                 self._closed_since_trim = 0
                 _malloc_trim()
-        for key, mask in events:
+        lead = self.lead
+        for key, _ in events:
+            if lead.ready and lead.apps_wait and not lead.followers:
+                # Apps wait, and every other thread is in one: this thread serves what it has
+                # read now, and the next thread free reads the rest (the selector reports it
+                # again), rather than one thread reading for all while its own turn waits.
+                break
             conn = key.data
             if conn is not None:
                 try:
@@ -1628,9 +1634,11 @@ class _Engine:
             if conn is None:
                 continue
             accepted += 1
-            if conn.state == _READY and not self._accept_next:
+            if conn.state == _READY and (not self._accept_next or (
+                    self.lead.apps_wait and not self.lead.followers)):
                 # The first after a select(): serve it before another accept(), which would
                 # find nothing when clients come one at a time, and cost this one latency.
+                # So too when apps wait and every other thread is in one (see _poll).
                 break
         # After that, accept in batches: measured with 16 clients that reconnect at once,
         # accepting all that wait, then serving them: 21k req/s; accept-serve-accept: 15k.
