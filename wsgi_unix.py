@@ -101,6 +101,8 @@ DEFAULTS = {
     "graceful_timeout": 10.0,    # for requests in flight after SIGTERM
     "max_connections": 1024,     # open at once; when full, the longest-waiting one gives way
     "max_request_body": 1 << 30,  # bytes (waitress's default); more gets 413
+    "max_spool": None,           # bytes of request bodies spooled to disk at once (None: half
+                                 # the temporary directory's free space at start-up); more: 503
     "access_log": True,
     "allow_uids": None,          # None: every user who may connect; else uids or user names
     "proxy_headers": False,      # trust X-Forwarded-For/-Proto (Unix peers, forwarded_allow_ips)
@@ -174,6 +176,8 @@ def _checked(settings):
         number(name, 0, above=True)
     number("keep_alive", 0)
     number("max_request_body", 0, integer=True)
+    if settings["max_spool"] is not None:
+        number("max_spool", 0, integer=True)
     mode = settings["mode"]
     if isinstance(mode, bool) or not isinstance(mode, int):
         raise TypeError(f"mode must be an int like 0o660, not {type(mode).__name__} {mode!r}")
@@ -1127,10 +1131,12 @@ class _BodySink:
     later, in a flush outside the request's error path.
     """
 
-    def __init__(self):
+    def __init__(self, budget=None):
         self.size = 0
         self._memory = bytearray()
         self._file = None
+        self._budget = budget  # a _SpoolBudget, or None: no limit
+        self._taken = 0  # bytes of it taken from the budget
 
     def write(self, data):
         self.size += len(data)
@@ -1144,6 +1150,11 @@ class _BodySink:
             except OSError as exc:
                 raise _HTTPError(503, f"no room for the request body ({exc.strerror})") from None
             data, self._memory = self._memory, None
+        if self._budget is not None:
+            if not self._budget.take(len(data)):
+                raise _HTTPError(503, f"no room for the request body (--max-spool "
+                                      f"{self._budget.limit} bytes are taken)")
+            self._taken += len(data)
         try:
             with memoryview(data) as view:
                 written = 0
@@ -1156,7 +1167,49 @@ class _BodySink:
         if self._file is None:
             return io.BytesIO(self._memory)
         self._file.seek(0)
-        return io.BufferedReader(self._file)
+        body = _SpooledBody(self._file)
+        body.budget, body.spooled = self._budget, self._taken
+        return body
+
+
+class _SpooledBody(io.BufferedReader):
+    """A spooled body as wsgi.input: closing it gives its bytes back to the spool budget."""
+
+    budget, spooled = None, 0
+
+    def close(self):
+        if not self.closed and self.budget is not None:
+            self.budget.give(self.spooled)
+        super().close()
+
+
+class _SpoolBudget:
+    """The bytes of request bodies spooled to disk at once, server-wide, at most ``limit``:
+    a few large uploads must not fill the temporary directory for everyone."""
+
+    def __init__(self, limit):
+        self.limit, self.taken, self._lock = limit, 0, threading.Lock()
+
+    def take(self, count):
+        with self._lock:
+            if self.taken + count > self.limit:
+                return False
+            self.taken += count
+            return True
+
+    def give(self, count):
+        with self._lock:
+            self.taken -= count
+
+
+def _free_spool_space():
+    """Half the free space of the temporary directory (where bodies are spooled)."""
+    import tempfile
+    try:
+        stats = os.statvfs(tempfile.gettempdir())
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize // 2
 
 
 # --- §5 The engine ------------------------------------------------------------------------
@@ -1424,6 +1477,7 @@ class _Engine:
         self.serving = {}  # thread ident -> (since, request) while it runs an app
         self._pipelined = deque()  # connections whose next request waits for a look around
         self._closed_since_trim = 0  # connections closed since the last _malloc_trim()
+        self._new_sink = lambda: _BodySink(server.spool_budget)
         self._scan_every = poll_interval
         self._next_scan = 0.0
         self._unix = self.listener.family == socket.AF_UNIX
@@ -1651,7 +1705,8 @@ class _Engine:
         sock.setblocking(False)
         with self.lead.lock:
             self.open += 1
-        conn = _Connection(sock, address, _RequestReader(server.max_request_body), deadline)
+        reader = _RequestReader(server.max_request_body, self._new_sink)
+        conn = _Connection(sock, address, reader, deadline)
         if self._unix and _PEERCRED is not None:
             conn.peer = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET,
                                                          socket.SO_PEERCRED, _PEERCRED.size))
@@ -1961,6 +2016,9 @@ class WSGIServer(simple_server.WSGIServer):
         for name in ("script_name", "threads", "timeout", "keep_alive", "graceful_timeout",
                      "max_connections", "max_request_body", "access_log"):
             setattr(self, name, settings[name])
+        spool = settings["max_spool"]
+        spool = _free_spool_space() if spool is None else spool
+        self.spool_budget = None if spool is None else _SpoolBudget(spool)
         # Wakes the main thread: a stop was asked for, or the watchdog should look again.
         self._main_r, self._main_w = socket.socketpair()
         self._main_w.setblocking(False)
@@ -2954,8 +3012,10 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     serves.  Signal handlers are installed only when called from the main thread (workers
     need it).  Raises ServeError with the reason when it stops for a failure.
     """
-    _checked(dict(DEFAULTS, workers=workers))
+    _checked(dict(DEFAULTS, workers=workers, **options))
     _raise_descriptor_limit()
+    if workers > 1 and options.get("max_spool") is None and _free_spool_space():
+        options["max_spool"] = _free_spool_space() // workers  # the default, shared
     if workers > 1:
         return _Master(app, address, workers, options).run()
     if isinstance(app, str):
@@ -3579,6 +3639,10 @@ def _parse_command_line(argv):
                         metavar="SIZE",
                         help="largest request body, received before the app runs (default: 1G); "
                              "larger gets 413")
+    server.add_argument("--max-spool", type=size, default=DEFAULTS["max_spool"], metavar="SIZE",
+                        help="bytes of request bodies (those over 512K) spooled to the "
+                             "temporary directory, TMPDIR, at once (default: half its free "
+                             "space at start-up); a body that does not fit gets 503")
     server.add_argument("--allow-uid", metavar="UID[,UID...]",
                         help="only these users (names or numbers) may send requests; others get "
                              "403 (Unix sockets, Linux)")
@@ -3760,6 +3824,7 @@ def main(argv=None):
               keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
               max_connections=args.max_connections, access_log=_access_log(args),
               # a command gets no more than --max-body: refuse a larger one before it comes
+              max_spool=args.max_spool,
               max_request_body=args.max_request_body if args.app else min(args.max_request_body,
                                                                            args.max_body),
               allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
