@@ -2781,6 +2781,19 @@ class FrameworkTests(ServerTestCase):
             rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
         self.assertEqual(in_help, set(re.findall(r"`(--[a-z-]+)", "\n".join(rows))))
 
+    def test_as_pid_1_it_says_to_run_with_an_init(self):
+        # As PID 1 (a container's first process) orphans of the app's subprocesses became
+        # zombies for good (200 after 200 requests); the README says docker run --init.
+        require_tool(self, "unshare")
+        server = self.start(command=["unshare", "--pid", "--fork", "--kill-child",
+                                     "--mount-proc", sys.executable, SERVER, "--app",
+                                     "testapp:app", self.sock], ready=False)
+        line = server.wait_line("warning")
+        self.assertIn("running as PID 1", line)
+        self.assertIn("docker run --init", line)
+        server.wait_ready()
+        self.assertEqual(get(self.sock)[0], 200)
+
     def test_bare_container_run_serves(self):
         # No environment at all, no site-packages, isolated mode: as in a scratch container.
         shutil.copy(SERVER, self.dir)

@@ -3030,6 +3030,10 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
 
 
 def _warn_about(server, options):
+    if os.getpid() == 1:
+        _log_write(sys.stderr, f"{PROG}: warning: running as PID 1: orphaned processes that the "
+                               f"app's subprocesses leave are not reaped; run the container "
+                               f"with an init (docker run --init)\n")
     if server.listen_address.kind == "abstract":
         _log_write(sys.stderr, f"{PROG}: warning: {server} is an abstract socket: anyone in this "
                                f"network namespace can connect to it, and while this server is "
