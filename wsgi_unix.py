@@ -1829,22 +1829,19 @@ class _Engine:
         self._linger(conn)
 
     def _refuse_at_once(self, conn, error):
-        """Answer an error and close, without lingering: read what has come first, so that
-        closing does not reset the connection (a client still sending gets the reset)."""
-        try:
-            while conn.sock.recv(RECV_SIZE):
-                pass
-        except OSError:
-            pass
+        """Answer an error before the request came (a user --allow-uid refuses), then linger
+        briefly, STOP_LINGER: a client whose request is on its way hears the answer instead
+        of a reset, and holds its slot no longer than that (it gives way first when full)."""
         self.server.log_refusal(conn, error)
         try:
             conn.sock.send(_error_answer(error.status, str(error)))
         except OSError:
-            pass
-        self._close(conn)
+            self._close(conn)
+            return
+        self._linger(conn, STOP_LINGER)
 
-    def _linger(self, conn):
-        """Half-close and discard what still arrives, for LINGER_SECONDS at most: a client still
+    def _linger(self, conn, seconds=LINGER_SECONDS):
+        """Half-close and discard what still arrives, for ``seconds`` at most: a client still
         sending its request hears our answer instead of a reset."""
         try:
             conn.sock.shutdown(socket.SHUT_WR)
@@ -1853,7 +1850,7 @@ class _Engine:
             self._close(conn)
             return
         conn.move(_LINGER)
-        conn.deadline = time.monotonic() + LINGER_SECONDS
+        conn.deadline = time.monotonic() + seconds
         self._park(conn)
 
     def _expire(self, now):
