@@ -455,7 +455,8 @@ class ListenAddress:
                 raise ServeError(f"{self}: the lock on {directory} has been held by {holder} for "
                                  f"{wait:g} s; stop it, or use a directory only this user can read")
             if not said:
-                _log_write(sys.stderr, f"{PROG}: waiting for the lock on {directory}, held by {holder}\n")
+                _log_write(sys.stderr, f"{PROG}: waiting for the lock on {directory}, held by "
+                                       f"{holder}\n")
                 said = True
             time.sleep(0.05)
 
@@ -584,8 +585,9 @@ class ListenAddress:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        _log_write(sys.stderr, f"{PROG}: {self}: left the socket file: the lock on its "
-                                               f"directory is held by {_lock_holder(directory)}\n")
+                        _log_write(sys.stderr, f"{PROG}: {self}: left the socket file: the lock "
+                                               f"on its directory is held by "
+                                               f"{_lock_holder(directory)}\n")
                         return
                     time.sleep(0.05)
             self._unlink_own_file()
@@ -2329,7 +2331,6 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
             _log_field(environ.get("HTTP_USER_AGENT", "-"), 500),
             time.monotonic() - getattr(self, "started", time.monotonic()))
         _log_write(stream, line)  # under PIPE_BUF: one write(), whole, beside other workers'
-
 
     def log_message(self, format, *args):
         """One line on stderr, with control characters escaped (no log injection)."""
