@@ -1979,10 +1979,11 @@ class WSGIServer(simple_server.WSGIServer):
     overridden: ``verify_request(request, client_address)`` (False closes a new connection
     unanswered), ``check_head(request, connection)`` (raise to refuse a request before its
     body is read), ``serve_request(connection)``, ``handle_error(request, client_address)``,
-    ``service_actions()`` (called by serve_forever() about every poll_interval; a worker's
-    server reads its master's word there).  socketserver's one-connection-per-call entry
-    points ``handle_request()``, ``process_request()`` and ``finish_request()`` do not fit an
-    engine that keeps connections: they raise NotImplementedError.
+    ``service_actions()`` (called by serve_forever() every 0.1 s, every 10 ms while apps are
+    quick; a worker's server reads its master's word there).  socketserver's
+    one-connection-per-call entry points ``handle_request()``, ``process_request()`` and
+    ``finish_request()`` do not fit an engine that keeps connections: they raise
+    NotImplementedError.
     """
 
     request_queue_size = 1024  # wsgiref's 5 makes nginx answer 502 under the lightest load
