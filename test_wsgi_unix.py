@@ -4297,6 +4297,32 @@ class WorkerTests(ServerTestCase):
             self.assertRegex(line, r'^- - - \[[^]]+\] "GET / HTTP/1.1" 200 6 "-" "z{497}\.\.\." '
                                    r'\d+\.\d{3}$')
 
+    def test_a_dead_log_pipe_stops_neither_the_master_nor_its_workers(self):
+        # With a broken stderr, a SIGHUP or one killed worker made the master exit 1 with
+        # every worker (its flush before fork() raised).
+        reader, writer = os.pipe()
+        proc = subprocess.Popen([sys.executable, SERVER, "--workers", "2", "--app", "testapp:app",
+                                 self.sock], cwd=self.dir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=writer,
+                                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        self.addCleanup(proc.wait)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        os.close(writer)
+        with os.fdopen(reader, "rb") as log:
+            pids = worker_pids(log.readline().decode().rstrip("\n"))
+        self.assertEqual(get(self.sock)[0], 200)  # its access line cannot be written now
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)  # replaced, with a line nobody reads
+        wait_for(lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid),
+                 "a new worker")
+        proc.send_signal(signal.SIGHUP)  # a reload: new workers, with lines nobody reads
+        wait_for(lambda: not set(pids) & set(children(proc.pid)) and
+                 len(children(proc.pid)) == 2, "the reload")
+        for _ in range(10):
+            self.assertEqual(get(self.sock)[0], 200)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(DEADLINE), 0)
+
     def test_sighup_starts_new_workers_and_the_old_finish_their_requests(self):
         server, pids = self.start_workers(2)
         slow = connect(self.sock)
