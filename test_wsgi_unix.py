@@ -207,6 +207,19 @@ def app(environ, start_response):
             yield b"x" * int(environ["QUERY_STRING"] or 10)
             raise RuntimeError("late boom")
         return failing()
+    if path == "/overrun":  # says 5 bytes, gives 10 (or says 0)
+        start_response("200 OK", [("Content-Length", environ["QUERY_STRING"] or "5")])
+        return iter([b"12345", b"67890"])
+    if path == "/early-hints":  # a 1xx is no final answer
+        start_response("103 Early Hints", [("Link", "</style.css>; rel=preload")])
+        return [b""]
+    if path == "/two-lengths":
+        start_response("200 OK", [("Content-Length", "5"), ("Content-Length", environ["QUERY_STRING"])])
+        return [b"12345"]
+    if path == "/drip":  # HTTP/1.0 streaming: many small blocks, no Content-Length
+        count = int(environ["QUERY_STRING"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"d" for _ in range(count))
     if path == "/short":  # says 100 bytes, gives 10, and no error
         start_response("200 OK", [("Content-Length", "100")])
         return iter([b"x" * 10])
@@ -3673,6 +3686,47 @@ class KeepAliveTests(ServerTestCase):
         finally:
             for sock in hogs:
                 sock.close()
+
+    def test_an_app_that_overruns_its_content_length_keeps_the_connection(self):
+        # The excess was cut and the connection closed after a head that did not say so: a
+        # proxy's next request on it (often another client's) got 502.
+        server = self.start_app(self.sock)
+        with connect(self.sock) as sock:
+            responses = Responses(sock)
+            for url, body in (("/overrun", b"12345"), ("/overrun?0", b""), ("/", b"hello\n")):
+                sock.sendall(request_bytes(url, close=False))
+                version, status, headers, got = responses.next()
+                self.assertEqual((status, got), (200, body))
+                self.assertNotIn("connection", headers)  # kept
+        server.wait_line("the app sent more than its Content-Length (5) for GET /overrun")
+
+    def test_final_status_and_one_content_length_are_required_of_the_app(self):
+        self.start_app(self.sock)
+        with connect(self.sock) as sock:
+            responses = Responses(sock)
+            for url, status in (("/early-hints", 500), ("/two-lengths?6", 500),
+                                ("/two-lengths?5", 200), ("/", 200)):
+                with self.subTest(url=url):
+                    sock.sendall(request_bytes(url, close=False))
+                    version, got, headers, body = responses.next()
+                    self.assertEqual(got, status)
+            sock.sendall(request_bytes("/two-lengths?5", close=False))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            self.assertEqual(head.lower().count(b"content-length"), 1)
+
+    def test_http10_streaming_is_linear(self):
+        # The hold-back that gives short responses a Content-Length summed the held blocks
+        # again on every write: 64,000 one-byte blocks took 31.6 s.
+        self.start_app("--quiet", self.sock)
+        timings = []
+        for count in (4000, 32000):
+            started = time.monotonic()
+            answer = raw_request(self.sock, f"GET /drip?{count} HTTP/1.0\r\n\r\n".encode())
+            timings.append(time.monotonic() - started)
+            self.assertTrue(answer.endswith(b"d" * count))
+        self.assertLess(timings[1], 20 * max(timings[0], 0.01))  # linear: 8x; quadratic: 64x
 
     def test_a_request_that_cannot_be_framed_ends_the_connection(self):
         self.start_app()

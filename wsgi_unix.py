@@ -2193,7 +2193,7 @@ class WSGIServer(simple_server.WSGIServer):
 
     def log_line(self, message, once=False, prefix=True):
         if not (once and message in self._logged):
-            if once:
+            if once and len(self._logged) < 10000:  # (bounded: messages may name routes)
                 self._logged.add(message)
             message = message.translate(_LOG_ESCAPES)
             _log_write(sys.stderr, f"{_WHO}: {message}\n" if prefix else message + "\n")
@@ -2386,6 +2386,7 @@ class ServerHandler(simple_server.ServerHandler):
     _started = False  # the head went out (or is about to): too late for a 500
     _head = b""  # the response head, sent with the first body bytes
     _held = None  # body blocks held back to count them (HTTP/1.0, no Content-Length)
+    _held_size = 0  # their bytes
     _chunked = _no_body = False
     _length = None  # the Content-Length the body must match
     _body_sent = 0
@@ -2441,6 +2442,9 @@ class ServerHandler(simple_server.ServerHandler):
             raise AssertionError("start_response() called twice without exc_info")
         if not (type(status) is str and _STATUS.match(status)):
             raise ValueError(f"malformed status {status!r}")
+        if status[0] == "1":  # the client would wait on for the final response
+            raise ValueError(f"status {status!r}: a WSGI response needs a final status")
+        lengths = set()
         for name, value in headers:
             if not (type(name) is str and type(value) is str and _HEADER_NAME.match(name)
                     and not _HEADER_VALUE_BAD.search(value)):
@@ -2448,9 +2452,15 @@ class ServerHandler(simple_server.ServerHandler):
             lower = name.lower()
             if lower in _HOP_BY_HOP:
                 raise ValueError(f"hop-by-hop header {name!r}: the server frames the response")
-            if lower == "content-length" and not (value.isascii() and value.isdigit()):
-                raise ValueError(f"malformed Content-Length {value!r}")
+            if lower == "content-length":
+                if not (value.isascii() and value.isdigit()):
+                    raise ValueError(f"malformed Content-Length {value!r}")
+                lengths.add(int(value))
+        if len(lengths) > 1:  # RFC 9110 §8.6: clients and proxies would not agree on the body
+            raise ValueError(f"Content-Length given twice: {sorted(lengths)}")
         self.status, self.headers = status, self.headers_class(headers)
+        if lengths and len(self.headers.get_all("Content-Length")) > 1:
+            self.headers["Content-Length"] = str(lengths.pop())  # the same twice: once
         return self.write
 
     def log_exception(self, exc_info):
@@ -2477,7 +2487,8 @@ class ServerHandler(simple_server.ServerHandler):
         if not self.headers_sent:
             if self._holding():
                 self._held.append(data)
-                if sum(map(len, self._held)) < FIRST_BUFFER:
+                self._held_size += len(data)
+                if self._held_size < FIRST_BUFFER:
                     return
                 data, self._held = b"".join(self._held), None
             self.bytes_sent = len(data)
@@ -2544,9 +2555,17 @@ class ServerHandler(simple_server.ServerHandler):
             data = b""
         elif self._length is not None:
             room = self._length - self._body_sent
-            if len(data) > room:  # more than it said: the rest would be read as a next request
-                data = data[:room]
-                self.request_handler.close_connection = True
+            if len(data) > room:
+                # More than it said: the rest would be read as the next response.  Dropped, as
+                # gunicorn does; the connection stays good for the next request (a proxy's
+                # pooled one, often another client's).
+                if room >= 0:
+                    environ = self.environ
+                    self.request_handler.server.log_line(
+                        f"the app sent more than its Content-Length ({self._length}) for "
+                        f"{environ['REQUEST_METHOD']} {environ.get('SCRIPT_NAME', '')}"
+                        f"{environ['PATH_INFO']}; the rest was dropped", once=True)
+                data = data[:max(room, 0)]
             self._body_sent += len(data)
         elif self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
