@@ -803,6 +803,8 @@ def _read_framing(request):
         if len(set(fields[name])) > 1:
             raise _HTTPError(400, f"two different {name} fields")
     hosts = fields.get("host")
+    if hosts and len(hosts) > 1:  # RFC 9112 §3.2: even the same one twice
+        raise _HTTPError(400, "more than one Host field")
     if request.version == "HTTP/1.1" and not hosts:
         raise _HTTPError(400, "no Host header (HTTP/1.1 requires one)")
     if hosts and not _HOST.match(hosts[0].encode("latin-1")):
