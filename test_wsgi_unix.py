@@ -1073,6 +1073,9 @@ class ShutdownTests(ServerTestCase):
             self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
             self.assertEqual(server.wait(), 0, signum)
             self.assertFalse(os.path.lexists(self.sock), signum)
+            # It says so, naming the signal; SIGHUP did not stop one process silently.
+            line = server.wait_line(f"{signal.Signals(signum).name}: stopping gracefully")
+            self.assertEqual("does not reload" in line, signum == signal.SIGHUP)
 
     def test_sigusr1_and_sigusr2_are_ignored_with_a_line(self):
         server = self.start_app()

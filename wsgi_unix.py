@@ -2806,12 +2806,15 @@ class _Master:
                     self._retire(worker)
             self.server.log_line(f"SIGHUP: reloading: starting {self.count} new workers")
         elif self.stopping:  # a second one: the workers stop at once too
+            self.server.log_line(f"{signal.Signals(signum).name}: a second signal: stopping "
+                                 f"at once")
             self.at_once = True
             for worker in self.workers.values():
                 # Two signals, as a second Ctrl-C is (two of one kind could merge in one).
                 os.kill(worker.pid, signal.SIGTERM)
                 os.kill(worker.pid, signal.SIGINT)
         else:
+            self.server.log_line(f"{signal.Signals(signum).name}: stopping gracefully")
             self._stop(now)
 
     def _stop(self, now):
@@ -3069,26 +3072,36 @@ def _serve_until_signal(server, on_ready):
     only); ServeError if a second signal stopped it at once."""
     signalled = []
 
-    def stop(signum, frame):
-        # A second signal stops at once (as gunicorn's and uvicorn's users expect); a stop
-        # begun otherwise (a worker's master, shutdown()) does not count as a first.
-        if signalled:
-            server.request_stop(at_once=True)
-            return
-        signalled.append(signum)
-        _notify_systemd("STOPPING=1")
-        server.request_stop()
-
-    def ignore(signum, frame):
-        line = (f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
-                f"SIGHUP too)")
+    def say(line):
         try:
             # The handler may have interrupted this thread in a write to stderr: another write
             # through sys.stderr would raise "reentrant call" (and end serve_forever()); one
             # os.write() of the whole line cannot.
             os.write(sys.stderr.fileno(), f"{_WHO}: {line}\n".encode("utf-8", "replace"))
-        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        except (AttributeError, ValueError, io.UnsupportedOperation):
             server.log_line(line)  # a stream with no descriptor (redirected in-process)
+        except OSError:
+            pass  # a log that cannot be written: nothing to say it with
+
+    def stop(signum, frame):
+        # A second signal stops at once (as gunicorn's and uvicorn's users expect); a stop
+        # begun otherwise (a worker's master, shutdown()) does not count as a first.
+        name = signal.Signals(signum).name
+        if signalled:
+            say(f"{name}: a second signal: stopping at once")
+            server.request_stop(at_once=True)
+            return
+        signalled.append(signum)
+        why = ""
+        if signum == getattr(signal, "SIGHUP", None) and not isinstance(server, _WorkerServer):
+            why = " (one process does not reload: with --workers N, SIGHUP reloads)"
+        say(f"{name}: stopping gracefully{why}")
+        _notify_systemd("STOPPING=1")
+        server.request_stop()
+
+    def ignore(signum, frame):
+        say(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
+            f"SIGHUP too)")
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for signum, handler in _SIGNALS:
