@@ -4267,7 +4267,7 @@ class WorkerTests(ServerTestCase):
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
         self.assertGreater(time.monotonic() - started, 5.0)  # 0.5 + WORKER_KILL_AFTER
-        self.assertIn(f"worker {pid} still runs 5.5 s after the stop began: killed", server.log())
+        self.assertIn(f"worker {pid} still runs 5.5 s after it was told to stop: killed", server.log())
         wait_for(lambda: not process_alive(pid), "the deaf worker to be killed")
 
     def test_a_worker_loading_the_app_dies_with_its_master(self):
@@ -4379,6 +4379,27 @@ class WorkerTests(ServerTestCase):
             self.assertEqual(get(self.sock)[0], 200)
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(DEADLINE), 0)
+
+    def test_workers_retired_by_a_reload_are_killed_after_the_graceful_timeout(self):
+        # With an app whose exit hangs, both old workers were alive 10 s after SIGHUP, until
+        # the next full stop.
+        with open(os.path.join(self.dir, "hangs.py"), "w") as f:
+            f.write("import atexit, os, time\n"
+                    "from testapp import app\n"
+                    "if os.path.exists('hang'):  # (the first workers only)\n"
+                    "    atexit.register(time.sleep, 3600)  # its exit hangs\n")
+        open(os.path.join(self.dir, "hang"), "w").close()
+        server = self.start("--workers", "2", "--graceful-timeout", "0.5", "--app", "hangs:app",
+                            self.sock, ready=False)
+        old = worker_pids(server.wait_ready())
+        os.unlink(os.path.join(self.dir, "hang"))
+        server.signal(signal.SIGHUP)
+        server.wait_line("reloaded")
+        wait_for(lambda: not old & children(server.proc.pid), "the old workers to be killed",
+                 deadline=0.5 + wsgi_unix.WORKER_KILL_AFTER + DEADLINE)
+        for pid in old:
+            server.wait_line(f"worker {pid} still runs 5.5 s after it was told to stop: killed")
+        self.assertEqual(get(self.sock)[0], 200)
 
     def test_sighup_starts_new_workers_and_the_old_finish_their_requests(self):
         server, pids = self.start_workers(2)

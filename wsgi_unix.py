@@ -2647,6 +2647,7 @@ class _Worker:
         self.ready = False      # it said it serves
         self.retiring = False   # it was told to stop
         self.heard_end = False  # its end of the channel is closed: it is exiting
+        self.kill_at = float("inf")  # once it is told to stop: when it is killed if it lingers
 
 
 class _Master:
@@ -2690,7 +2691,6 @@ class _Master:
         self.generation = 1  # the start's; each SIGHUP adds one
         self.proven = False  # a worker of this generation has served
         self.announced = self.reloading = self.stopping = self.at_once = False
-        self.kill_at = None
         self.failures, self.last_failure, self.retry_at = 0, 0.0, 0.0
         self.signals = deque()
         self.error = None  # why the master stops with exit 1
@@ -2739,26 +2739,23 @@ class _Master:
             self._reap(now)
             while self.signals:
                 self._on_signal(self.signals.popleft(), now)
-            if self.stopping:
-                if not self.workers:
-                    return
-                if now >= self.kill_at:
-                    for worker in self.workers.values():
-                        self.server.log_line(f"worker {worker.pid} still runs "
-                                             f"{self.server.graceful_timeout + WORKER_KILL_AFTER:g}"
-                                             f" s after the stop began: killed")
-                        os.kill(worker.pid, signal.SIGKILL)
-                    self.kill_at = float("inf")
-            else:
+            if self.stopping and not self.workers:
+                return
+            for worker in self.workers.values():
+                if now >= worker.kill_at:  # told to stop (a stop, a reload) long ago
+                    self.server.log_line(f"worker {worker.pid} still runs "
+                                         f"{self.server.graceful_timeout + WORKER_KILL_AFTER:g}"
+                                         f" s after it was told to stop: killed")
+                    os.kill(worker.pid, signal.SIGKILL)
+                    worker.kill_at = float("inf")
+            if not self.stopping:
                 self._keep_up(now)
             self._wait(now)
 
     def _wait(self, now):
         """Sleep until a signal, a worker's word, or the next thing due."""
-        until = now + 1.0
-        if self.stopping:
-            until = min(until, self.kill_at)
-        elif self.retry_at > now:
+        until = min([now + 1.0] + [worker.kill_at for worker in self.workers.values()])
+        if not self.stopping and self.retry_at > now:
             until = min(until, self.retry_at)
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
@@ -2803,7 +2800,7 @@ class _Master:
             _notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
             for worker in self.workers.values():
                 if not worker.ready:  # of an unfinished reload: not worth waiting for
-                    self._retire(worker)
+                    self._retire(worker, now)
             self.server.log_line(f"SIGHUP: reloading: starting {self.count} new workers")
         elif self.stopping:  # a second one: the workers stop at once too
             self.server.log_line(f"{signal.Signals(signum).name}: a second signal: stopping "
@@ -2824,10 +2821,13 @@ class _Master:
             # Without its file no one can connect any more; the workers serve the backlog.
             self.server.listen_address.remove_socket_file()
         for worker in self.workers.values():
-            self._retire(worker)
-        self.kill_at = now + self.server.graceful_timeout + WORKER_KILL_AFTER
+            self._retire(worker, now)
 
-    def _retire(self, worker):
+    def _retire(self, worker, now):
+        """Tell a worker to stop: it finishes its requests within --graceful-timeout, or is
+        killed WORKER_KILL_AFTER later (an app whose exit hangs must not linger for good)."""
+        if not worker.retiring:
+            worker.kill_at = now + self.server.graceful_timeout + WORKER_KILL_AFTER
         worker.retiring = True
         try:
             worker.channel.send(b"S")
@@ -2851,7 +2851,7 @@ class _Master:
         old = [w for w in self.workers.values() if w.generation != self.generation
                and not w.retiring]
         for worker in old:
-            self._retire(worker)
+            self._retire(worker, now)
         pids = " ".join(str(w.pid) for w in current)
         if not self.announced:  # (a SIGHUP before it counts as no reload)
             self.announced, self.reloading = True, False
