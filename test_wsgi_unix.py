@@ -1577,6 +1577,11 @@ class ApplicationFaultTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)  # the only thread is free again
         self.assertNotIn("Traceback", server.log())
         self.assertNotIn("client went away", server.log())  # an access line, not an error
+        # A client that left before anything went out: 0 bytes sent, as nginx logs it (it
+        # showed the app's body size).
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/slow?0.3"))
+        server.wait_line('"GET /slow?0.3 HTTP/1.1" 499 0 ')
 
     def test_the_access_log_is_nginx_combined_with_the_duration(self):
         log = os.path.join(self.dir, "access.log")
@@ -4066,6 +4071,8 @@ class EngineAPITests(ServerTestCase):
                                         ({"mode": "660"}, TypeError, "0o660"),
                                         ({"mode": 0o1777}, ValueError, "mode"),
                                         ({"max_spool": -1}, ValueError, "max_spool"),
+                                        ({"group": -1}, wsgi_unix.ServeError, "gid -1"),
+                                        ({"group": 2 ** 32}, wsgi_unix.ServeError, "gid"),
                                         ({"max_spool": "1M"}, TypeError, "max_spool")):
             with self.subTest(keywords=keywords):
                 with self.assertRaises(error) as caught:

@@ -670,8 +670,10 @@ def _unmapped(address):
 
 
 def _group_id(group):
-    if group is None or isinstance(group, int):
+    if group is None:
         return group
+    if isinstance(group, int) and not isinstance(group, bool):
+        return _check_id(group, "gid")  # -1 would leave the group alone; 2**32 overflows
     if group.isascii() and group.isdigit():
         return _check_id(int(group), "gid")
     try:
@@ -2348,9 +2350,11 @@ class _SocketWriter:
     def __init__(self, sock, timeout):
         self.sock = sock
         self.progress = _Progress(timeout)
+        self.sent = 0  # bytes that went out whole
 
     def write(self, data):
         _send_all(self.sock, data, self.progress)
+        self.sent += len(data)
 
     def flush(self):
         pass
@@ -2387,6 +2391,7 @@ class ServerHandler(simple_server.ServerHandler):
     aborted = False  # the response could not be finished: the connection must not be reused
     _started = False  # the head went out (or is about to): too late for a 500
     _head = b""  # the response head, sent with the first body bytes
+    _head_size = 0
     _held = None  # body blocks held back to count them (HTTP/1.0, no Content-Length)
     _held_size = 0  # their bytes
     _chunked = _no_body = False
@@ -2423,7 +2428,9 @@ class ServerHandler(simple_server.ServerHandler):
         if isinstance(exc, _TooSlow):
             self.request_handler.log_error("%s: cut off after %d bytes", exc, self.bytes_sent)
             code = self._started and self.status and self.status[:3] or 499
-        self.request_handler.log_request(code, self.bytes_sent)
+        # The body bytes that went out (nginx's $body_bytes_sent), not what the app gave.
+        sent = max(0, getattr(self.stdout, "sent", self.bytes_sent) - self._head_size)
+        self.request_handler.log_request(code, sent)
 
     def setup_environ(self):
         super().setup_environ()
@@ -2551,6 +2558,7 @@ class ServerHandler(simple_server.ServerHandler):
         if "server" not in names:
             lines.append(f"Server: {self.server_software}\r\n")
         self._head = "".join(lines).encode("latin-1") + bytes(headers)
+        self._head_size = len(self._head)
 
     def _write(self, data):
         if self._no_body:
