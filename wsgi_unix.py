@@ -294,6 +294,7 @@ class ListenAddress:
         self.path = self.host = self.port = self.fd = None
         self._identity = None  # (st_dev, st_ino) of the socket file we created
         self._directory = None  # its directory, open, for remove_socket_file()
+        self._listener = None  # the socket listen() made at a socket file
         self._parse(text)
 
     def _parse(self, text):
@@ -358,6 +359,7 @@ class ListenAddress:
                 sock.listen(backlog)
             else:
                 self._listen_unix_file(sock, mode, group, backlog)
+                self._listener = sock
         except BaseException:
             sock.close()
             raise
@@ -574,7 +576,14 @@ class ListenAddress:
         directory, self._directory = self._directory, None
         if directory is None:
             return
+        listener, self._listener = self._listener, None
         try:
+            if listener is not None and listener.fileno() != -1:
+                # While we still listen, no starter takes our file for stale (its probe
+                # connects), so none replaces it under us: no lock needed, and another user
+                # holding the directory's lock cannot make us leave it behind.
+                self._unlink_own_file()
+                return
             # No starter may be between probe and bind when we remove the file.  A lock held
             # for longer than STOP_LOCK_WAIT is no starter's: leave the file (the next start
             # removes it as stale) rather than wait for ever.
@@ -2009,6 +2018,10 @@ class WSGIServer(simple_server.WSGIServer):
                                                  self.request_queue_size)
         self.address_family = self.socket.family
         self.server_address = self.socket.getsockname()
+        if self.listen_address.kind == "unix":
+            # The socket was bound in a private directory and linked into place (see
+            # ListenAddress): its own name is that first path, which no longer exists.
+            self.server_address = self.listen_address.path
         if self.address_family == socket.AF_UNIX:
             # No host name to look up; wsgiref.util.request_uri() builds sane URLs from these.
             self.server_name, self.server_port = "localhost", 80
@@ -2050,9 +2063,9 @@ class WSGIServer(simple_server.WSGIServer):
         return str(self.listen_address)
 
     def server_close(self):
-        """Close the listening socket and remove the socket file, if it is still ours."""
+        """Remove the socket file, if it is still ours, and close the listening socket."""
+        self.listen_address.remove_socket_file()  # (while it listens: see there)
         super().server_close()
-        self.listen_address.remove_socket_file()
         self._main_r.close()
         self._main_w.close()
 
