@@ -8,10 +8,12 @@ tests wait on conditions with deadlines (the readiness line, a connect), never o
 
 import contextlib
 import errno
+import grp
 import http.client
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -31,6 +33,9 @@ sys.path.insert(0, HERE)
 import wsgi_unix  # noqa: E402
 
 DEADLINE = 10.0  # seconds any single wait may take before the test fails
+# Who may connect to a socket file the tests make, as the readiness line says it.
+MODE_600_OURS = " (mode 600, owner %s, group %s)" % (pwd.getpwuid(os.getuid()).pw_name,
+                                                      grp.getgrgid(os.getgid()).gr_name)
 
 # The WSGI apps the tests serve, written next to each server as testapp.py.
 TEST_APP = r'''
@@ -1123,7 +1128,9 @@ class ShutdownTests(ServerTestCase):
     def test_readiness_line_names_the_resolved_address(self):
         os.symlink(self.dir, os.path.join(self.dir, "here"))
         server = self.start("--app", "testapp:app", "app.sock")
-        self.assertEqual(server.wait_ready(), f"wsgi_unix: serving on unix:{self.sock}")
+        # Who may connect, too: nginx as www-data gets 502 from a 600 socket of root's.
+        self.assertEqual(server.wait_ready(), f"wsgi_unix: serving on unix:{self.sock}"
+                                              f"{MODE_600_OURS}")
 
 
 
@@ -1635,7 +1642,8 @@ class ApplicationFaultTests(ServerTestCase):
                 sock.sendall(request_bytes("/big?10000000"))
                 sock.recv(100)
         self.assertEqual(get(quiet)[0], 200)
-        self.assertEqual(server.log().splitlines(), [f"wsgi_unix: serving on unix:{quiet}"])
+        self.assertEqual(server.log().splitlines(),
+                         [f"wsgi_unix: serving on unix:{quiet}{MODE_600_OURS}"])
 
     def test_when_every_thread_is_stuck_a_line_says_so(self):
         server = self.start_app("--threads", "2", "--timeout", "1", self.sock)
@@ -2069,7 +2077,9 @@ class CommandLineTests(ServerTestCase):
         self.assertEqual(get(self.sock)[0], 200)
         server.signal(signal.SIGTERM)
         server.wait()
-        self.assertEqual(server.log().splitlines(), [f"wsgi_unix: serving on unix:{self.sock}"])
+        self.assertEqual(server.log().splitlines(),
+                         [f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}",
+                          "wsgi_unix: SIGTERM: stopping gracefully"])
 
 
 
@@ -4120,7 +4130,7 @@ class APITests(ServerTestCase):
             servers[0].shutdown()
             thread.join(DEADLINE)
         self.assertFalse(os.path.lexists(self.sock))
-        self.assertEqual(log.getvalue(), f"wsgi_unix: serving on unix:{self.sock}\n")
+        self.assertEqual(log.getvalue(), f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}\n")
 
     def test_public_names_have_docstrings(self):
         for name in wsgi_unix.__all__:
@@ -4159,7 +4169,8 @@ class WorkerTests(ServerTestCase):
     def test_n_workers_serve_one_socket_and_sigterm_leaves_nothing(self):
         server, pids = self.start_workers(3)
         self.assertEqual(children(server.proc.pid), pids)  # the master's children, in /proc
-        self.assertIn(f"serving on unix:{self.sock} with 3 workers", server.wait_ready())
+        self.assertIn(f"serving on unix:{self.sock}{MODE_600_OURS} with 3 workers",
+                      server.wait_ready())
         for pid in pids:  # each worker is a wsgi_unix process, not the master
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 self.assertIn(b"wsgi_unix.py", f.read())
