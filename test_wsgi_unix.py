@@ -1084,11 +1084,12 @@ class ShutdownTests(ServerTestCase):
             line = server.wait_line(f"{signal.Signals(signum).name}: stopping gracefully")
             self.assertEqual("does not reload" in line, signum == signal.SIGHUP)
 
-    def test_sigusr1_and_sigusr2_are_ignored_with_a_line(self):
+    def test_sigusr2_is_ignored_with_a_line_and_sigusr1_has_no_file_to_reopen(self):
         server = self.start_app()
-        for signum in (signal.SIGUSR1, signal.SIGUSR2):
-            server.signal(signum)
-            server.wait_line(f"{signal.Signals(signum).name} means nothing here")
+        server.signal(signal.SIGUSR2)
+        server.wait_line("SIGUSR2 means nothing here")
+        server.signal(signal.SIGUSR1)
+        server.wait_line("SIGUSR1: no --access-log file to reopen")
         self.assertEqual(get(self.sock)[0], 200)
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
@@ -1097,17 +1098,43 @@ class ShutdownTests(ServerTestCase):
     def test_a_burst_of_ignored_signals_while_it_logs_changes_nothing(self):
         # A handler that wrote through sys.stderr while the thread it interrupted was in a
         # write there raised "reentrant call": serve_forever() ended, and the next SIGUSR1
-        # killed the process.
+        # killed the process (SIGUSR1 then; it reopens the log now).
         server = self.start_app()
         with steady_load(lambda: get(self.sock)[0]) as (done, errors):
             for _ in range(300):
-                server.signal(signal.SIGUSR1)
+                server.signal(signal.SIGUSR2)
                 time.sleep(0.002)  # a signal at a time, each while requests are logged
         self.assertEqual(get(self.sock)[0], 200)
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
         self.assertEqual(errors, [])
         self.assertNotIn("Traceback", server.log())
+
+    def test_sigusr1_reopens_the_access_log_after_logrotate_moved_it(self):
+        # Lines went on into the moved file, and SIGUSR1 said "means nothing here".
+        log = os.path.join(self.dir, "access.log")
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                server = self.start_app("--workers", workers, "--access-log", log, self.sock)
+                self.assertEqual(get(self.sock, "/before")[0], 404)
+                wait_for(lambda: os.path.exists(log) and "/before" in open(log).read(),
+                         "the first line")
+                os.rename(log, log + ".1")  # what logrotate does
+                server.signal(signal.SIGUSR1)
+                server.wait_line(f"SIGUSR1: reopened {log}")
+                if workers == "2":  # each worker reopens its own, after the master
+                    wait_for(lambda: server.log().count(f"SIGUSR1: reopened {log}") == 3,
+                             "both workers to reopen it")
+                for _ in range(10):
+                    self.assertEqual(get(self.sock, "/after")[0], 404)
+                server.signal(signal.SIGTERM)
+                self.assertEqual(server.wait(), 0)
+                with open(log) as f:
+                    self.assertEqual(f.read().count('"GET /after HTTP/1.1" 404'), 10)
+                with open(log + ".1") as f:
+                    self.assertNotIn("/after", f.read())
+                os.unlink(log)
+                os.unlink(log + ".1")
 
     def test_a_second_sigterm_stops_at_once_with_status_1(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -4354,8 +4381,8 @@ class WorkerTests(ServerTestCase):
         server, pids = self.start_workers(2)
         run_together(lambda: [get(self.sock, "/" + "x" * 2000) for _ in range(10)], 20)
         victim = min(pids)
-        os.kill(victim, signal.SIGUSR1)
-        server.wait_line(f"wsgi_unix[{victim}]: SIGUSR1 means nothing here")
+        os.kill(victim, signal.SIGUSR2)
+        server.wait_line(f"wsgi_unix[{victim}]: SIGUSR2 means nothing here")
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
         access = [line for line in server.log().splitlines() if '"GET /xx' in line]

@@ -263,6 +263,36 @@ def _raise_descriptor_limit():
         pass  # not Unix, or a hard limit the kernel will not grant: the server says what it got
 
 
+class _LogFile:
+    """An --access-log file that can be reopened at its path (SIGUSR1), as nginx's: after
+    logrotate moved it, lines go to a new file there, not on into the moved one."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = self._open()
+
+    def _open(self):
+        return open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+    def write(self, text):
+        return self._file.write(text)
+
+    def flush(self):
+        self._file.flush()
+
+    def reopen(self):
+        """Open the path anew; on failure keep writing to the old file and raise OSError."""
+        new = self._open()
+        old, self._file = self._file, new
+        try:
+            old.close()
+        except (OSError, ValueError):
+            pass  # (what it held could not be written: counted where it was written)
+
+    def close(self):
+        self._file.close()
+
+
 # --- §2 Addresses and the socket file ----------------------------------------------------
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -2056,7 +2086,7 @@ class WSGIServer(simple_server.WSGIServer):
         # Wakes the main thread: a stop was asked for, or the watchdog should look again.
         self._main_r, self._main_w = socket.socketpair()
         self._main_w.setblocking(False)
-        self._stop_requested = self.stopped_at_once = False
+        self._stop_requested = self.stopped_at_once = self._reopen_requested = False
         self._stopped = threading.Event()
         self._engine = None
         self._logged = set()  # messages said once
@@ -2110,6 +2140,29 @@ class WSGIServer(simple_server.WSGIServer):
         self.request_stop()
         self._stopped.wait()
 
+    def request_reopen(self):
+        """Ask serve_forever() to reopen the --access-log file (SIGUSR1).  Safe in a signal
+        handler: the main thread reopens it."""
+        self._reopen_requested = True
+        try:
+            self._main_w.send(b".")
+        except OSError:
+            pass
+
+    def reopen_logs(self):
+        """Reopen the access log file at its path, and say so in a line."""
+        stream = self.access_log
+        if not hasattr(stream, "reopen"):
+            self.log_line("SIGUSR1: no --access-log file to reopen")
+            return
+        try:
+            stream.reopen()
+        except OSError as exc:
+            self.log_line(f"SIGUSR1: cannot reopen {stream.path}: {exc.strerror}; writing on "
+                          f"to the file it had open")
+            return
+        self.log_line(f"SIGUSR1: reopened {stream.path}")
+
     @property
     def stopping(self):
         return self._stop_requested
@@ -2153,6 +2206,9 @@ class WSGIServer(simple_server.WSGIServer):
                 watch = PROMOTE_AFTER if not engine.lead.apps_wait else min(poll_interval, 0.1)
                 if poller.poll(1000 * watch):
                     self._main_r.recv(4096)
+                if self._reopen_requested:
+                    self._reopen_requested = False
+                    self.reopen_logs()
                 now = time.monotonic()
                 engine.lead.promote_if_stuck(PROMOTE_AFTER, now)
                 if now >= next_stuck_check:
@@ -2828,7 +2884,15 @@ class _Master:
             return
         if dict(_SIGNALS).get(signum) == "ignore":
             self.server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored "
-                                 f"(SIGTERM stops, SIGHUP reloads)")
+                                 f"(SIGTERM stops, SIGHUP reloads, SIGUSR1 reopens the access "
+                                 f"log)")
+        elif dict(_SIGNALS).get(signum) == "reopen":
+            self.server.reopen_logs()  # for the workers it starts from now on
+            for worker in self.workers.values():
+                try:
+                    os.kill(worker.pid, signum)
+                except OSError:
+                    pass  # gone: SIGCHLD follows
         elif signum == signal.SIGHUP:
             if self.stopping:
                 return
@@ -3141,11 +3205,15 @@ def _serve_until_signal(server, on_ready):
 
     def ignore(signum, frame):
         say(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
-            f"SIGHUP too)")
+            f"SIGHUP too, SIGUSR1 reopens the access log)")
+
+    def reopen(signum, frame):
+        server.request_reopen()
+    actions = {"stop": stop, "ignore": ignore, "reopen": reopen}
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        for signum, handler in _SIGNALS:
-            handlers[signum] = signal.signal(signum, stop if handler == "stop" else ignore)
+        for signum, action in _SIGNALS:
+            handlers[signum] = signal.signal(signum, actions[action])
     try:
         server.on_ready = on_ready
         server.serve_forever()
@@ -3159,13 +3227,14 @@ def _serve_until_signal(server, on_ready):
 
 # The signals serve() handles.  Every signal whose default action ends the process and that a
 # server may be sent by an operator or a supervisor stops it gracefully (the socket file is
-# removed), or is ignored with a log line; SIGKILL cannot be caught, and a fault (SIGSEGV, ...)
+# removed), reopens the access log (SIGUSR1, as nginx's), or is ignored with a log line;
+# SIGKILL cannot be caught, and a fault (SIGSEGV, ...)
 # or a profiler's signal (SIGPROF, SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are
 # ignored by Python already.
 _SIGNALS = [(getattr(signal, name), action) for name, action in (
     ("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"), ("SIGQUIT", "stop"),
     ("SIGALRM", "stop"), ("SIGXCPU", "stop"), ("SIGPWR", "stop"),
-    ("SIGUSR1", "ignore"), ("SIGUSR2", "ignore")) if hasattr(signal, name)]
+    ("SIGUSR1", "reopen"), ("SIGUSR2", "ignore")) if hasattr(signal, name)]
 
 
 def _notify_systemd(state):
@@ -3731,8 +3800,8 @@ def _parse_command_line(argv):
     server.add_argument("--script-name", metavar="/PREFIX", type=script_name, default="",
                         help="mount the app under this path; requests outside it get 404")
     server.add_argument("--access-log", metavar="PATH|-",
-                        help="where the access log goes: a file (appended to), or - for stdout "
-                             "(what containers collect) (default: stderr)")
+                        help="where the access log goes: a file (appended to; SIGUSR1 reopens "
+                             "it), or - for stdout (what containers collect) (default: stderr)")
     server.add_argument("--quiet", action="store_true", help="no access log")
     server.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     gateway = parser.add_argument_group("the command (without --app)")
@@ -3791,8 +3860,7 @@ def _access_log(args):
         if args.access_log == "-":
             return open(sys.stdout.fileno(), "w", buffering=1, closefd=False,
                         encoding="utf-8", errors="backslashreplace")
-        return open(args.access_log, "a", buffering=1, encoding="utf-8",
-                    errors="backslashreplace")
+        return _LogFile(args.access_log)
     except OSError as exc:
         raise ServeError(f"--access-log {args.access_log}: cannot open it: {exc.strerror}") from None
 
