@@ -3820,7 +3820,8 @@ def _parse_command_line(argv):
     gateway.add_argument("--methods", type=methods, default="GET,HEAD,POST", metavar="LIST",
                          help="allowed request methods (default: %(default)s); others get 405")
     gateway.add_argument("--max-procs", type=positive(int), metavar="N",
-                         help="commands running at once (default: --threads); others wait, then 503")
+                         help="commands running at once in each process (default: --threads; "
+                              "with --workers N, N times as many in all); others wait, then 503")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = []
     if "--" in argv:
