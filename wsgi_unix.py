@@ -360,6 +360,11 @@ class ListenAddress:
             if not host:
                 raise AddressError(f"{text}: no host; to listen on every interface say "
                                    f"0.0.0.0:{port or 8000} or [::]:{port or 8000}")
+            if port.isidentifier() and all(part.isidentifier() for part in host.split(".")):
+                # gunicorn's habit: the app where the address goes.
+                raise AddressError(f"{text}: that looks like an app, not an address: give it "
+                                   f"with --app, then the address, e.g. --app {text} "
+                                   f"/run/app/app.sock")
             if not (port.isascii() and port.isdigit()) or int(port) > 65535:
                 raise AddressError(f"{text}: the port must be a number from 0 to 65535")
             self.kind, self.host, self.port = "tcp", host, int(port)
@@ -3830,8 +3835,11 @@ def _parse_command_line(argv):
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named, rather than taken for the address (--workers 2 ./app.sock)
         options = [arg for arg in unknown if arg.startswith("-")]
-        parser.error(f"unknown option {options[0]}" if options
-                     else f"unexpected argument {unknown[0]!r}")
+        if not options:
+            parser.error(f"unexpected argument {unknown[0]!r} (a command goes after --: "
+                         f"{PROG}.py {args.address} -- {' '.join(unknown)})")
+        option = options[0].split("=", 1)[0]
+        parser.error(f"unknown option {options[0]}" + _HABITS.get(option, ""))
     if args.app and command:
         parser.error("give either --app or a COMMAND, not both")
     if args.app:
@@ -3844,6 +3852,20 @@ def _parse_command_line(argv):
         parser.error("--forwarded-allow-ips goes with --proxy-headers")
     return args, command
 
+
+# Options from gunicorn's habits, and how to say them here.
+_HABITS = {
+    "-b": " (the address is the last argument: --app app:application /run/app/app.sock; "
+          "unix:PATH and HOST:PORT work as gunicorn's -b takes them)",
+    "-w": " (say --workers N)",
+    "-k": " (there are no worker classes: --threads N threads in each of --workers N processes)",
+    "--reload": " (no reloading on file changes: with --workers N, SIGHUP loads the new code)",
+    "--preload": " (--app loads the app in each worker, after the fork; pass a callable to "
+                 "serve() to load it once)",
+    "--log-level": " (there is one level: errors and --access-log lines; --quiet drops the "
+                   "latter)",
+}
+_HABITS["--bind"] = _HABITS["-b"]
 
 # The command app's options: with --app they would do nothing, so they are a usage error.
 _COMMAND_OPTIONS = [("--cgi", "cgi"), ("--pass-env", "pass_env"), ("--max-body", "max_body"),
