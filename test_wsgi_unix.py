@@ -2017,6 +2017,11 @@ class CommandLineTests(ServerTestCase):
     def test_app_import_error_is_one_line_and_status_1(self):
         self.assertOneLineError(["--app", "nosuchmodule:app", self.sock], 1, "nosuchmodule")
         self.assertOneLineError(["--app", "testapp:nothing", self.sock], 1, "testapp:nothing")
+        # A file name, a misspelt name: the right spelling.
+        self.assertOneLineError(["--app", "testapp.py:app", self.sock], 1,
+                                "the module of testapp.py is testapp: --app testapp:app")
+        self.assertOneLineError(["--app", "testapp:ap", self.sock], 1,
+                                "testapp has no ap; did you mean testapp:app?")
 
     def test_an_app_that_fails_to_import_shows_its_own_traceback(self):
         with open(os.path.join(self.dir, "broken.py"), "w") as f:

@@ -3905,7 +3905,11 @@ def _load_app(spec):
             _print_app_traceback(exc)
             raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
                              f"above)") from None
-        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}") from None
+        hint = ""
+        if module_name.endswith(".py"):  # a file name where a module name goes
+            hint = f"; the module of {module_name} is {module_name[:-3]}: --app " \
+                   f"{module_name[:-3]}:{target}"
+        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}{hint}") from None
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -3916,7 +3920,11 @@ def _load_app(spec):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ServeError(f"--app {spec}: {module_name} has no {target}") from None
+            import difflib
+            close = difflib.get_close_matches(part, [name for name in dir(obj)
+                                                     if not name.startswith("_")], 1)
+            hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
+            raise ServeError(f"--app {spec}: {module_name} has no {target}{hint}") from None
     if arguments is not None:
         try:
             obj = obj(*arguments[0], **arguments[1])
