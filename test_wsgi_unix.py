@@ -344,6 +344,11 @@ def raw_request(path, data, timeout=DEADLINE):
         return b"".join(chunks)
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def status_of(response_bytes):
     return int(response_bytes.split(b" ", 2)[1])
 
@@ -1117,7 +1122,7 @@ class ShutdownTests(ServerTestCase):
             with self.subTest(workers=workers):
                 server = self.start_app("--workers", workers, "--access-log", log, self.sock)
                 self.assertEqual(get(self.sock, "/before")[0], 404)
-                wait_for(lambda: os.path.exists(log) and "/before" in open(log).read(),
+                wait_for(lambda: os.path.exists(log) and "/before" in read_text(log),
                          "the first line")
                 os.rename(log, log + ".1")  # what logrotate does
                 server.signal(signal.SIGUSR1)
@@ -3928,7 +3933,8 @@ class ConnectionSlotTests(ServerTestCase):
     def test_the_user_holding_the_most_slots_gives_way_first(self):
         # A local process churning connections got nginx's pooled ones closed (273 of 90,075
         # POSTs got 502): the oldest idle connection was the proxy's.
-        self.start_app("--mode", "666", "--max-connections", "6", self.sock)
+        pid = self.start_app("--mode", "666", "--max-connections", "6", self.sock).proc.pid
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
         pooled = []
         for _ in range(2):  # ours: the "proxy", connected first
             sock = connect(self.sock)
@@ -3938,15 +3944,16 @@ class ConnectionSlotTests(ServerTestCase):
         churner = subprocess.Popen([python_for_nobody(), "-c", (
             "import socket, sys\n"
             "held = []\n"
-            "for _ in range(4):\n"
+            "for _ in range(4):  # silent connections\n"
             "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-            "    s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); s.recv(65536)\n"
             "    held.append(s)\n"
             "print('held', flush=True); sys.stdin.read()\n"), self.sock],
             preexec_fn=as_nobody, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.addCleanup(churner.wait)
         self.addCleanup(churner.stdin.close)
         self.assertEqual(churner.stdout.readline(), b"held\n")  # six slots taken: full
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors + 6,
+                 "all six to be accepted")
         self.assertEqual(get(self.sock)[0], 200)  # a seventh: one of nobody's four gives way
         for sock in pooled:  # ours were left alone
             sock.sendall(request_bytes("/", close=False))

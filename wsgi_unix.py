@@ -1803,23 +1803,24 @@ class _Engine:
         self.accepting, self._resume_accept_at = True, None
 
     def _evict_one(self):
-        """Close the connection that has waited longest in the selector, idle ones first, so
-        that slots held by idle or unfinished connections never lock a new client out.  Of a
-        Unix socket's peers, the user holding the most slots gives way first: a local process
-        churning connections must not push out a proxy's pooled ones."""
-        for states in _EVICTABLE[:2], _EVICTABLE[2:]:
-            candidates = [conn for conn in self.waiting if conn.state in states]
-            if candidates:
-                break
-        else:
+        """Close a connection that waits in the selector, so that slots held by idle or
+        unfinished connections never lock a new client out.  Of a Unix socket's peers, the
+        user holding the most slots gives way first (a local process churning connections
+        must not push out nginx's pooled ones); then an idle one before an unfinished one, and
+        the one that has waited longest."""
+        candidates = [conn for conn in self.waiting if conn.state in _EVICTABLE]
+        if not candidates:
             return False
-        victim = candidates[0]
-        if victim.peer is not None:
+        if candidates[0].peer is not None:
             slots = {}
             for conn in self.waiting:
                 if conn.peer is not None:
                     slots[conn.peer[1]] = slots.get(conn.peer[1], 0) + 1
-            victim = max(candidates, key=lambda conn: slots.get(conn.peer and conn.peer[1], 0))
+            most = max(slots.get(conn.peer and conn.peer[1], 0) for conn in candidates)
+            candidates = [conn for conn in candidates
+                          if slots.get(conn.peer and conn.peer[1], 0) == most]
+        victim = next((conn for conn in candidates if conn.state in (_IDLE, _LINGER)),
+                      candidates[0])
         if victim.state in (_HEAD, _BODY):
             self.server.log_line("every connection slot is taken: closing the connection that "
                                  "has waited longest (--max-connections)", once=True)
@@ -3979,6 +3980,7 @@ def _print_app_traceback(exc):
 def main(argv=None):
     """The command line; returns the exit status (0 clean stop, 1 failure, 2 usage error)."""
     args, command = _parse_command_line(argv)
+    access_log = None
     try:
         address = ListenAddress(args.address)
         if address.kind != "unix" and (args.mode is not None or args.group is not None):
@@ -3995,10 +3997,11 @@ def main(argv=None):
                               max_procs=args.max_procs or args.threads)
         # A group is given so that its members may connect, which needs write permission.
         mode = args.mode if args.mode is not None else 0o660 if args.group else DEFAULTS["mode"]
+        access_log = _access_log(args)
         serve(app, address, workers=args.workers, mode=mode,
               group=args.group, threads=args.threads, timeout=args.timeout,
               keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
-              max_connections=args.max_connections, access_log=_access_log(args),
+              max_connections=args.max_connections, access_log=access_log,
               # a command gets no more than --max-body: refuse a larger one before it comes
               max_spool=args.max_spool,
               max_request_body=args.max_request_body if args.app else min(args.max_request_body,
@@ -4018,6 +4021,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         return 130
     finally:
+        if hasattr(access_log, "close"):
+            try:
+                access_log.close()
+            except (OSError, ValueError):
+                pass  # what it held could not be written
         _drop_unwritable_output()
     return 0
 
