@@ -731,6 +731,7 @@ class SocketFileTests(ServerTestCase):
                   "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
         holder = subprocess.Popen([python_for_nobody(), "-c", script, self.dir],
                                   preexec_fn=as_nobody, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.stdout.close)
         self.addCleanup(holder.wait)
         self.addCleanup(holder.kill)
         self.assertEqual(holder.stdout.readline().strip(), "locked")
@@ -1587,6 +1588,7 @@ class ApplicationFaultTests(ServerTestCase):
     def test_app_error_after_headers_closes_the_connection_short(self):
         server = self.start_app()
         conn = unix_connection(self.sock)
+        self.addCleanup(conn.close)
         conn.request("GET", "/error-after-headers")
         response = conn.getresponse()
         self.assertEqual(response.status, 200)
@@ -1661,6 +1663,7 @@ class ApplicationFaultTests(ServerTestCase):
         proc = subprocess.Popen([sys.executable, SERVER, "--access-log", "-", "--app",
                                  "testapp:app", self.sock], cwd=self.dir, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
         wait_for(lambda: connectable(self.sock), "the server")
@@ -2346,6 +2349,7 @@ class CommandAppTests(ServerTestCase):
         self.serve_command("sh", "-c", f"trap '' TERM; touch {started}; sleep 5",
                            options=["--max-procs", "1", "--command-timeout", "1"])
         first = unix_connection(self.sock)
+        self.addCleanup(first.close)
         first.request("GET", "/")
         wait_for(lambda: os.path.exists(started), "the first command to start")
         self.assertEqual(get(self.sock)[0], 503)
@@ -3950,6 +3954,7 @@ class ConnectionSlotTests(ServerTestCase):
             "    held.append(s)\n"
             "print('held', flush=True); sys.stdin.read()\n"), self.sock],
             preexec_fn=as_nobody, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(churner.stdout.close)
         self.addCleanup(churner.wait)
         self.addCleanup(churner.stdin.close)
         self.assertEqual(churner.stdout.readline(), b"held\n")  # six slots taken: full
