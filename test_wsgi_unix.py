@@ -1780,6 +1780,31 @@ class FaultTests(ServerTestCase):
             sock.sendall(b"GET / HTTP/1.1\r\n")
             self.assertEqual(Responses(sock).next()[1], 408)
 
+    def test_a_body_whose_last_piece_meets_a_full_disk_gets_503(self):
+        # The spool file was buffered: a last piece that fit in its buffer was written when the
+        # body was complete, outside the error path; the connection was left unanswered and
+        # its slot taken for good.
+        spool = self.small_tmpfs()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
+        server = self.start_app("--threads", "2", "--max-spool", "1M", self.sock, env=env)
+        pid = server.proc.pid
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 605000"]))
+            sock.sendall(b"x" * 600000)  # spooled: over 512 KiB
+            wait_for(lambda: os.statvfs(spool).f_bfree < os.statvfs(spool).f_blocks - 100,
+                     "the body to be spooled")
+            with open(os.path.join(spool, "filler"), "wb", buffering=0) as filler:
+                with contextlib.suppress(OSError):  # the disk fills
+                    while True:
+                        filler.write(b"f" * 4096)
+            sock.sendall(b"x" * 5000)  # the last piece: new pages, less than a buffer
+            self.assertEqual(Responses(sock).next()[1], 503)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "the slot freed")
+        os.unlink(os.path.join(spool, "filler"))
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertEqual(server.log().count("Traceback"), 0, server.log())
+
     def test_spooled_bodies_have_a_budget_that_is_given_back(self):
         # 8 clients holding 9.4 MB each kept a 64 MiB temporary directory full.
         self.start_app("--max-spool", "1M", self.sock)
