@@ -2738,6 +2738,25 @@ def _prctl(option, value):
         return False
 
 
+def _children():
+    """The pids of this process's children (from /proc; empty where there is none)."""
+    children = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.extend(int(pid) for pid in f.read().split())
+    except OSError:
+        return []
+    return children
+
+
+def _kill_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class _Worker:
     """One worker process, as its master sees it."""
 
@@ -3583,26 +3602,7 @@ def _become_subreaper():
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _children():
-    """The pids of this process's children (from /proc; empty where there is none)."""
-    children = []
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                children.extend(int(pid) for pid in f.read().split())
-    except OSError:
-        return []
-    return children
-
-
 _SUBREAPER = False  # set when the command app made us the subreaper
-
-
-def _kill_group(pid, signum):
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _client_gone(sock):
