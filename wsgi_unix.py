@@ -1299,9 +1299,6 @@ _HEAD, _BODY, _IDLE, _LINGER, _READY, _SERVING, _CLOSED = (
 
 # The moves between them: _Connection.move() makes every one and refuses any other, and the
 # drawing in _Engine's docstring (and the README's) is checked against this table by a test.
-# Those that may give way to a new connection when every slot is taken, in that order.
-_EVICTABLE = (_IDLE, _LINGER, _HEAD, _BODY)
-
 _MOVES = {
     _HEAD: {_BODY, _READY, _LINGER, _CLOSED},
     _BODY: {_READY, _LINGER, _CLOSED},
@@ -1311,6 +1308,9 @@ _MOVES = {
     _LINGER: {_CLOSED},
     _CLOSED: set(),
 }
+
+# Those that may give way to a new connection when every slot is taken (idle ones first).
+_EVICTABLE = (_IDLE, _LINGER, _HEAD, _BODY)
 
 
 class _Connection:
@@ -2136,6 +2136,10 @@ class WSGIServer(simple_server.WSGIServer):
         """
         self.stopped_at_once = self.stopped_at_once or at_once
         self._stop_requested = True
+        self._wake_main()
+
+    def _wake_main(self):
+        """Make the main thread look at its flags again (safe in a signal handler)."""
         try:
             self._main_w.send(b"!")
         except OSError:
@@ -2150,10 +2154,7 @@ class WSGIServer(simple_server.WSGIServer):
         """Ask serve_forever() to reopen the --access-log file (SIGUSR1).  Safe in a signal
         handler: the main thread reopens it."""
         self._reopen_requested = True
-        try:
-            self._main_w.send(b".")
-        except OSError:
-            pass
+        self._wake_main()
 
     def reopen_logs(self):
         """Reopen the access log file at its path, and say so in a line."""
@@ -2178,8 +2179,8 @@ class WSGIServer(simple_server.WSGIServer):
 
         Runs ``threads`` threads (§5); this thread watches them: while apps are quick, the
         leader serves them inline, and when it has been in one app for PROMOTE_AFTER seconds, a
-        follower takes over (see _Leadership).  ``poll_interval`` is how
-        often timed-out connections are looked for.  Once the threads serve, it calls
+        follower takes over (see _Leadership).  ``poll_interval`` is how often timed-out
+        connections are looked for.  Once the threads serve, it calls
         ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new connections,
         idle ones close, requests in flight get ``graceful_timeout`` seconds.
         """
@@ -2230,7 +2231,8 @@ class WSGIServer(simple_server.WSGIServer):
                 self.listen_address.remove_socket_file()
             engine.begin_stop()
             engine.wait_closed(stop_began + self.graceful_timeout,
-                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER, time.monotonic())
+                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER,
+                                                                    time.monotonic())
                                or self.stopped_at_once)
         finally:
             self._stop_requested = True
@@ -2240,10 +2242,7 @@ class WSGIServer(simple_server.WSGIServer):
     def watch_closely(self):
         """Wake the main thread, whose watchdog looks at the leader every PROMOTE_AFTER seconds
         from now on (the engine calls it when apps have turned quick)."""
-        try:
-            self._main_w.send(b".")
-        except OSError:
-            pass  # a wake-up is pending already, or the server is closed
+        self._wake_main()
 
     def handle_request(self, *args):
         raise NotImplementedError("wsgi_unix serves with serve_forever(); it keeps connections "
@@ -2661,13 +2660,12 @@ class ServerHandler(simple_server.ServerHandler):
                 # More than it said: the rest would be read as the next response.  Dropped, as
                 # gunicorn does; the connection stays good for the next request (a proxy's
                 # pooled one, often another client's).
-                if room >= 0:
-                    environ = self.environ
-                    self.request_handler.server.log_line(
-                        f"the app sent more than its Content-Length ({self._length}) for "
-                        f"{environ['REQUEST_METHOD']} {environ.get('SCRIPT_NAME', '')}"
-                        f"{environ['PATH_INFO']}; the rest was dropped", once=True)
-                data = data[:max(room, 0)]
+                environ = self.environ
+                self.request_handler.server.log_line(
+                    f"the app sent more than its Content-Length ({self._length}) for "
+                    f"{environ['REQUEST_METHOD']} {environ.get('SCRIPT_NAME', '')}"
+                    f"{environ['PATH_INFO']}; the rest was dropped", once=True)
+                data = data[:room]
             self._body_sent += len(data)
         elif self._chunked and data:
             data = b"%x\r\n%b\r\n" % (len(data), data)
@@ -3165,8 +3163,9 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     """
     _checked(dict(DEFAULTS, workers=workers, **options))
     _raise_descriptor_limit()
-    if workers > 1 and options.get("max_spool") is None and _free_spool_space():
-        options["max_spool"] = _free_spool_space() // workers  # the default, shared
+    free = _free_spool_space() if workers > 1 and options.get("max_spool") is None else None
+    if free:
+        options["max_spool"] = free // workers  # the default, shared by the workers
     if workers > 1:
         return _Master(app, address, workers, options).run()
     if isinstance(app, str):
@@ -3253,9 +3252,8 @@ def _serve_until_signal(server, on_ready):
 # The signals serve() handles.  Every signal whose default action ends the process and that a
 # server may be sent by an operator or a supervisor stops it gracefully (the socket file is
 # removed), reopens the access log (SIGUSR1, as nginx's), or is ignored with a log line;
-# SIGKILL cannot be caught, and a fault (SIGSEGV, ...)
-# or a profiler's signal (SIGPROF, SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are
-# ignored by Python already.
+# SIGKILL cannot be caught, and a fault (SIGSEGV, ...) or a profiler's signal (SIGPROF,
+# SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are ignored by Python already.
 _SIGNALS = [(getattr(signal, name), action) for name, action in (
     ("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"), ("SIGQUIT", "stop"),
     ("SIGALRM", "stop"), ("SIGXCPU", "stop"), ("SIGPWR", "stop"),
