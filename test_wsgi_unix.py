@@ -44,6 +44,13 @@ import io, json, os, sys, threading, time
 barrier = None
 inflight, peak, counting = 0, 0, threading.Lock()  # app calls at once, and the most seen
 seen = set()  # the inodes of client sockets
+kept = []  # what /grow keeps
+
+
+def first_then_hang():
+    yield b"first"
+    time.sleep(3600)
+    yield b"never"
 
 
 class NoRead(io.FileIO):
@@ -234,6 +241,19 @@ def app(environ, start_response):
     if path == "/not-modified":
         start_response("304 Not Modified", [("ETag", '"1"')])
         return iter([b"ignored"])
+    if path == "/grow":  # keeps 20 MB more on each request (a leak); says its pid and RSS
+        kept.append(b"g" * (20 << 20))
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d %d" % (os.getpid(), resident)]
+    if path == "/hang":  # an app stuck on a dead database; ?head: after its response's head
+        if environ["QUERY_STRING"] == "head":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return first_then_hang()
+        time.sleep(float(environ["QUERY_STRING"] or 3600))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"late\n"]
     if path == "/":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"hello\n"]
@@ -2128,7 +2148,7 @@ class CommandLineTests(ServerTestCase):
                              (["--reload", self.sock], "SIGHUP loads the new code"),
                              (["app:application"], "--app app:application /run/app/app.sock"),
                              (["myproject.wsgi:application"], "--app myproject.wsgi:application"),
-                             ([self.sock, "uptime"], f"-- uptime")):
+                             ([self.sock, "uptime"], "-- uptime")):
             with self.subTest(typed=typed):
                 self.assertOneLineError(typed, 2, right)
 
@@ -2883,7 +2903,7 @@ class FrameworkTests(ServerTestCase):
         dockerfile = readme_block("dockerfile", "CMD")
         self.assertIn("COPY wsgi_unix.py app.py requirements.txt ./", dockerfile)
         self.assertIn("USER 1000:101", dockerfile)
-        command = json.loads(dockerfile.split("\nCMD ", 1)[1])
+        command = json.loads(dockerfile.split("\nCMD ", 1)[1].split("\n", 1)[0])
         app_dir, run_dir = os.path.join(self.dir, "app"), os.path.join(self.dir, "run-app")
         for directory in (app_dir, run_dir):
             os.mkdir(directory)
@@ -2908,6 +2928,30 @@ class FrameworkTests(ServerTestCase):
         self.assertEqual(get(sock)[0::2], (200, b"in a container\n"))
         info = os.lstat(sock)
         self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, 101))
+        # The HEALTHCHECK, and the Kubernetes pod's probes, which run in the same image.
+        health = dockerfile.split("\nHEALTHCHECK ", 1)[1].split("\n", 1)[0]
+        pod = readme_block("yaml", "kind: Pod")
+        probes = [json.loads(health.split(" CMD ", 1)[1])] + [
+            json.loads(line.split("command:", 1)[1]) for line in pod.splitlines()
+            if "command:" in line]
+        self.assertEqual(len(probes), 3)
+
+        def probe(command):
+            return subprocess.run(
+                [python if arg == "python" else arg.replace("/run/app", run_dir)
+                 for arg in command], cwd=app_dir, env={"PATH": os.environ["PATH"]},
+                preexec_fn=as_container_user, capture_output=True, text=True, timeout=DEADLINE)
+        for command in probes:
+            result = probe(command)
+            self.assertEqual((result.returncode, result.stderr), (0, ""), command)
+        # Both containers mount the socket's volume where the probes and the site look.
+        self.assertEqual(pod.count("- {name: run-app, mountPath: /run/app}"), 2)
+        self.assertIn("server unix:/run/app/app.sock;", readme_block("nginx", "proxy_http_version"))
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        result = probe(probes[0])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("no such socket", result.stderr)
 
     def test_help_and_the_readme_list_the_same_options(self):
         import re
@@ -4622,6 +4666,392 @@ class WorkerTests(ServerTestCase):
         self.assertEqual(listener.recv(100), b"STOPPING=1")
         self.assertEqual(server.wait(), 0)
         self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # systemd's, not ours
+
+
+class RecyclingTests(ServerTestCase):
+    """--max-requests, --max-worker-memory, --request-timeout: a worker replaced, its
+    replacement serving first, and no request of the others lost."""
+
+    start_workers = WorkerTests.start_workers
+
+    def test_max_requests_recycles_workers_under_load_without_a_failed_request(self):
+        server, pids = self.start_workers(2, "--max-requests", "50", "--max-requests-jitter", "10")
+        served = set()
+
+        def request():
+            status, _, body = get(self.sock, "/pid")
+            served.add(int(body))
+            return status
+        with steady_load(request) as (done, errors):
+            wait_for(lambda: server.log().count("(--max-requests); replacing it") >= 6,
+                     "six recycles", deadline=30)
+        self.assertEqual(errors, [])
+        counts = [int(n) for n in re.findall(r"served (\d+) requests", server.log())]
+        self.assertTrue(all(50 <= n <= 60 + 8 for n in counts), counts)  # (8 threads at once)
+        self.assertGreaterEqual(len(served - pids), 3)  # the pids change
+        wait_for(lambda: len(children(server.proc.pid)) == 2, "two workers again")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_max_worker_memory_replaces_a_worker_before_it_grows_far(self):
+        server, pids = self.start_workers(2, "--max-worker-memory", "100M")
+        served, largest = set(), 0
+        for _ in range(30):  # 20 MB kept on each: 600 MB in all
+            status, _, body = get(self.sock, "/grow")
+            self.assertEqual(status, 200)
+            pid, resident = map(int, body.split())
+            served.add(pid)
+            largest = max(largest, resident)
+        self.assertLess(largest, 150 << 20)
+        lines = re.findall(r"worker \d+ has (\d+) MiB resident after a request "
+                           r"\(--max-worker-memory 100M\); replacing it", server.log())
+        self.assertGreaterEqual(len(lines), 3, server.log())
+        self.assertTrue(all(100 < int(size) < 150 for size in lines), lines)
+        self.assertGreaterEqual(len(served - pids), 3)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_request_timeout_replaces_a_stuck_worker_and_the_others_keep_serving(self):
+        server, pids = self.start_workers(2, "--request-timeout", "2", "--graceful-timeout", "1")
+        with steady_load(lambda: get(self.sock)[0], clients=3, pause=0.01) as (done, errors):
+            wait_for(lambda: len(done) > 20, "requests before")
+            started = time.monotonic()
+            answer = raw_request(self.sock, request_bytes("/hang"))
+            took = time.monotonic() - started
+            line = server.wait_line("ran GET /hang for")
+            stuck = int(re.search(r"worker (\d+) ran", line).group(1))
+            wait_for(lambda: not process_alive(stuck), "the stuck worker to end")
+            before = len(done)
+            wait_for(lambda: len(done) > before + 20, "requests after")
+        self.assertEqual(errors, [])
+        self.assertEqual(status_of(answer), 504)
+        self.assertIn(b"ran longer than --request-timeout (2 s)", answer)
+        self.assertTrue(1.9 < took < 5, took)
+        self.assertIn("(--request-timeout 2); its client got 504; replacing it", line)
+        self.assertIn(stuck, pids)
+        wait_for(lambda: len(children(server.proc.pid)) == 2, "two workers again")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_a_request_cut_after_its_head_is_closed_and_one_worker_is_enough(self):
+        # With --workers 1 the master still replaces it: the new one serves first.
+        server, pids = self.start_workers(1, "--request-timeout", "1", "--graceful-timeout", "5")
+        answer = raw_request(self.sock, request_bytes("/hang?head", close=False))
+        self.assertEqual(status_of(answer), 200)
+        self.assertTrue(answer.endswith(b"5\r\nfirst\r\n"), answer)  # no last chunk: cut short
+        server.wait_line("(--request-timeout 1); its connection was closed; replacing it")
+        # A late answer never follows the 504 on the connection (its app returns in 2 s,
+        # within the stuck worker's graceful time).
+        answer = raw_request(self.sock, request_bytes("/hang?2"))
+        self.assertEqual(answer.count(b"HTTP/1.1"), 1, answer)
+        self.assertEqual(status_of(answer), 504)
+        self.assertNotIn(b"late", answer)
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotEqual(worker_pids(server.wait_ready()), set())
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+
+    def test_recycling_options_need_workers_and_fit_together(self):
+        for args, fragment in [
+                (("--max-requests", "5"), "--max-requests needs --workers N"),
+                (("--request-timeout", "5"), "a thread cannot be killed"),
+                (("--max-worker-memory", "1G"), "--max-worker-memory needs --workers N"),
+                (("--workers", "2", "--max-requests-jitter", "5"), "goes with --max-requests"),
+                (("--workers", "2", "--max-requests", "0"), "not a positive number"),
+                (("--workers", "2", "--request-timeout", "nan"), "not a positive number"),
+                (("--workers", "2", "--max-worker-memory", "lots"), "not a size")]:
+            with self.subTest(args=args):
+                self.assertOneLineError(args + (self.sock,), 2, fragment)
+
+
+class MasterDecisionTests(unittest.TestCase):
+    """The master's decisions on a clock the test moves, its effects recorded: no fork."""
+
+    class Master(wsgi_unix._Master):
+        def __init__(self, count=2, **options):
+            super().__init__("app:app", "unused.sock", count, dict(options))
+            self.did, self.last_pid = [], 100
+
+        def log_line(self, message):
+            self.did.append(("log", message))
+
+        def _tell(self, worker, word):
+            self.did.append(("tell", worker.pid, word))
+
+        def _signal(self, worker, signum):
+            self.did.append(("signal", worker.pid, signal.Signals(signum).name))
+
+        def _notify(self, state):
+            self.did.append(("notify", state))
+
+        def _announce(self, pids):
+            self.did.append(("announce", pids))
+
+        def _spawn(self, now):
+            self.last_pid += 1
+            self.did.append(("spawn", self.last_pid))
+            worker = self.workers[self.last_pid] = wsgi_unix._Worker(self.last_pid,
+                                                                     self.generation, None, now)
+            return worker
+
+        def step(self, now, *said):
+            """What the loop does at ``now``, after the workers said ``said`` (pid, word)."""
+            self.did = []
+            for pid, word in said:
+                self._heard(self.workers[pid], word, now)
+            self._kill_overdue(now)
+            if not self.stopping:
+                self._keep_up(now)
+            return self.did
+
+        def end(self, pid, now, status=0):
+            self.did = []
+            self._ended(self.workers[pid], status, now)
+            return self.did
+
+    def started(self, count=2):
+        master = self.Master(count, graceful_timeout=10)
+        self.assertEqual(master.step(0.0), [("spawn", 101)])  # the first alone
+        self.assertEqual(master.step(0.1), [])  # not until it serves
+        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)][:count - 1])
+        master.step(0.3, (102, "R")) if count > 1 else None
+        return master
+
+    def test_start_one_then_the_rest_then_announce(self):
+        master = self.Master(2)
+        self.assertEqual(master.step(0.0), [("spawn", 101)])
+        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)])
+        self.assertEqual(master.step(0.3, (102, "R")),
+                         [("announce", "101 102"), ("notify", "READY=1")])
+        self.assertEqual(master.step(5.0), [])  # nothing more to do
+
+    def test_first_worker_dying_before_it_serves_is_a_failed_start(self):
+        master = self.Master(2)
+        master.step(0.0)
+        did = master.end(101, 0.5, status=1 << 8)
+        self.assertIn("the first worker exited with status 1 before it served", master.error)
+        self.assertTrue(master.stopping)
+        self.assertEqual(did, [("notify", "STOPPING=1")])
+
+    def test_a_worker_that_dies_is_replaced_at_once_or_after_a_doubling_backoff(self):
+        master = self.started()
+        quick = wsgi_unix.WORKER_QUICK_DEATH
+        self.assertEqual(master.end(101, 5.0, status=signal.SIGKILL),
+                         [("log", "worker 101 was killed by SIGKILL; starting another")])
+        self.assertEqual(master.step(5.0), [("spawn", 103)])
+        delays = []
+        now = 5.0
+        for attempt in range(1, wsgi_unix.WORKER_GIVE_UP):  # dies at once, again and again
+            pid = master.last_pid
+            master.step(now + 0.01, (pid, "R"))
+            master.end(pid, now + quick / 2, status=1 << 8)
+            delays.append(master.retry_at - (now + quick / 2))
+            now = master.retry_at
+            self.assertEqual(master.step(now - 0.001), [])  # not before the backoff
+            self.assertEqual(master.step(now), [("spawn", pid + 1)])
+        self.assertEqual([round(delay, 6) for delay in delays],
+                         [wsgi_unix.WORKER_RETRY * 2 ** n for n in range(len(delays))])
+        master.end(master.last_pid, now + 0.01, status=1 << 8)  # one too many
+        self.assertIn("workers keep failing", master.error)
+
+    def test_a_worker_that_asks_is_replaced_by_one_that_serves_first(self):
+        master = self.started()
+        did = master.step(10.0, (101, "Qserved 57 requests (--max-requests)"))
+        self.assertEqual(did, [("log", "worker 101 served 57 requests (--max-requests); "
+                                       "replacing it"), ("spawn", 103)])
+        self.assertEqual(master.step(10.05), [])  # 101 serves on meanwhile
+        self.assertEqual(master.step(10.1, (103, "R")), [("tell", 101, b"S")])
+        self.assertEqual(master.workers[101].kill_at, 10.1 + 10 + wsgi_unix.WORKER_KILL_AFTER)
+        self.assertEqual(master.step(10.2, (101, "Qran GET / for 2.0 s")),  # retiring: a line
+                         [("log", "worker 101 ran GET / for 2.0 s")])
+        self.assertEqual(master.end(101, 10.5), [])  # a retiring worker's end is expected
+
+    def test_a_second_word_from_a_replacing_worker_is_logged_without_a_second_replacement(self):
+        master = self.started()
+        master.step(10.0, (101, "Qran GET /a for 2.0 s (--request-timeout 2)"))
+        did = master.step(10.0, (101, "Qran GET /b for 2.0 s (--request-timeout 2)"))
+        self.assertEqual(did, [("log", "worker 101 ran GET /b for 2.0 s (--request-timeout 2)")])
+        self.assertEqual(master.end(101, 10.1, status=0), [])  # it stopped by itself (memory)
+        self.assertEqual(master.step(10.2, (103, "R")), [])  # the replacement serves
+        self.assertEqual(len(master.workers), 2)
+
+    def test_a_worker_that_lingers_past_its_grace_is_killed_once(self):
+        master = self.started()
+        master.step(10.0, (101, "Qserved 50 requests"))
+        master.step(10.1, (103, "R"))
+        due = master.workers[101].kill_at
+        self.assertEqual(master.step(due - 0.01), [])
+        self.assertEqual(master.step(due), [
+            ("log", "worker 101 still runs 15 s after it was told to stop: killed"),
+            ("signal", 101, "SIGKILL")])
+        self.assertEqual(master.step(due + 1), [])
+
+    def test_sighup_reloads_one_then_the_rest_then_retires_the_old(self):
+        master = self.started()
+        master.did = []
+        master._on_signal(signal.SIGHUP, 20.0)
+        self.assertEqual(master.did, [("notify", "RELOADING=1\nMONOTONIC_USEC=20000000"),
+                                      ("log", "SIGHUP: reloading: starting 2 new workers")])
+        self.assertEqual(master.step(20.0), [("spawn", 103)])
+        self.assertEqual(master.step(20.2, (103, "R")), [("spawn", 104)])
+        self.assertEqual(master.step(20.3, (104, "R")), [
+            ("tell", 101, b"S"), ("tell", 102, b"S"),
+            ("log", "reloaded: workers 103 104 serve; 101 102 finish their requests and exit"),
+            ("notify", "READY=1")])
+
+    def test_a_reload_whose_first_worker_fails_keeps_the_old_generation(self):
+        master = self.started()
+        master._on_signal(signal.SIGHUP, 20.0)
+        master.step(20.0)
+        did = master.end(103, 20.5, status=1 << 8)
+        self.assertEqual(did, [("log", "reload failed: the first new worker exited with status "
+                                       "1 before it served; the old workers keep serving"),
+                               ("notify", "READY=1")])
+        self.assertEqual(master.generation, 1)
+        self.assertEqual(master.step(21.0), [])  # the old ones are the generation again
+
+    def test_a_stop_then_a_second_signal(self):
+        master = self.started()
+        master.did = []
+        master._on_signal(signal.SIGTERM, 30.0)
+        self.assertEqual(master.did, [("log", "SIGTERM: stopping gracefully"),
+                                      ("notify", "STOPPING=1"),
+                                      ("tell", 101, b"S"), ("tell", 102, b"S")])
+        master.did = []
+        master._on_signal(signal.SIGINT, 31.0)
+        self.assertEqual(master.did[1:], [("signal", 101, "SIGTERM"), ("signal", 101, "SIGINT"),
+                                          ("signal", 102, "SIGTERM"), ("signal", 102, "SIGINT")])
+        self.assertTrue(master.at_once)
+
+    def test_the_drawing_names_every_move_the_decisions_make(self):
+        drawing = wsgi_unix._Master.__doc__.split("every transition the code takes)::")[1]
+        for move in ("forked     --\"R\"", "forked     --told to stop", "serving    --\"Q\"",
+                     "serving    --told to stop", "replacing  --told to stop",
+                     "retiring   --kill_at passes", "any        --exits or dies"):
+            self.assertIn(move, drawing)
+
+
+class SettingsCheckTests(unittest.TestCase):
+    """_checked(), which serve(), make_server() and WSGIServer share: no socket."""
+
+    def test_each_bad_value_is_refused_naming_its_keyword(self):
+        for keywords, error, naming in [
+                ({"workers": 0}, ValueError, "workers=0"),
+                ({"max_requests": 0}, ValueError, "max_requests=0: must be above 0"),
+                ({"max_requests": 1.5}, TypeError, "max_requests must be a number"),
+                ({"max_requests_jitter": -1}, ValueError, "max_requests_jitter"),
+                ({"max_requests_jitter": 5}, ValueError, "goes with max_requests"),
+                ({"max_worker_memory": 0}, ValueError, "max_worker_memory"),
+                ({"max_worker_memory": "1G"}, TypeError, "max_worker_memory"),
+                ({"request_timeout": 0}, ValueError, "request_timeout=0"),
+                ({"request_timeout": float("inf")}, ValueError, "request_timeout"),
+                ({"request_timeout": True}, TypeError, "request_timeout")]:
+            with self.subTest(keywords=keywords):
+                with self.assertRaises(error) as caught:
+                    wsgi_unix._checked(dict(wsgi_unix.DEFAULTS, **keywords))
+                self.assertIn(naming, str(caught.exception))
+        fine = dict(wsgi_unix.DEFAULTS, max_requests=1000, max_requests_jitter=50,
+                    max_worker_memory=1 << 29, request_timeout=30)
+        self.assertIs(wsgi_unix._checked(fine), fine)
+
+    def test_recycling_keywords_are_serves_not_a_servers(self):
+        for name in wsgi_unix._RECYCLING:
+            with self.subTest(name=name):
+                with self.assertRaisesRegex(TypeError, f"{name} is serve"):
+                    wsgi_unix.WSGIServer("unused.sock", **{name: 5})
+
+
+class SocketWriterCutTests(unittest.TestCase):
+    """_SocketWriter.cut(), from the thread that finds a request past --request-timeout."""
+
+    def pair(self):
+        ours, client = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        return wsgi_unix._SocketWriter(ours, 5.0), client
+
+    def read_all(self, client):
+        client.settimeout(DEADLINE)
+        chunks = []
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_before_anything_went_out_the_answer_goes_instead_and_later_writes_fail(self):
+        writer, client = self.pair()
+        self.assertTrue(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        with self.assertRaises(BrokenPipeError):
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nlate")
+        self.assertEqual(self.read_all(client), b"HTTP/1.1 504 Gateway Timeout\r\n\r\n")
+
+    def test_after_the_head_went_out_it_is_only_closed(self):
+        writer, client = self.pair()
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst")
+        self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        with self.assertRaises(BrokenPipeError):
+            writer.write(b"more")
+        self.assertEqual(self.read_all(client), b"HTTP/1.1 200 OK\r\n\r\nfirst")
+
+    def test_during_a_write_it_does_not_split_it(self):
+        writer, client = self.pair()
+        with writer.lock:  # a write under way, in another thread
+            self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        self.assertEqual(self.read_all(client), b"")
+
+
+class HealthCheckTests(ServerTestCase):
+    """--check ADDRESS [PATH]: a probe for containers with no curl."""
+
+    def check(self, *args, timeout=DEADLINE):
+        result = subprocess.run([sys.executable, SERVER, "--check"] + list(args), cwd=self.dir,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=timeout)
+        return result.returncode, (result.stdout + result.stderr).strip()
+
+    def test_a_live_server_then_a_bad_status_then_a_hang(self):
+        self.start_app("--threads", "2", self.sock)
+        self.assertEqual(self.check(self.sock), (0, f"wsgi_unix --check: {self.sock}: GET /: "
+                                                    f"200 OK"))
+        self.assertEqual(self.check(self.sock, "/error")[0], 1)
+        self.assertIn("GET /error: 500 Internal Server Error", self.check(self.sock, "/error")[1])
+        self.assertEqual(self.check(self.sock, "/nowhere")[0], 1)  # 404
+        started = time.monotonic()
+        code, line = self.check(self.sock, "/forever", "--timeout", "0.5")
+        self.assertEqual(code, 1)
+        self.assertIn("no answer within 0.5 s", line)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_no_socket_a_refused_one_and_tcp(self):
+        code, line = self.check(self.sock)
+        self.assertEqual(code, 1)
+        self.assertIn("no such socket", line)
+        self.make_stale_socket(self.sock)
+        code, line = self.check(self.sock)
+        self.assertEqual(code, 1)
+        self.assertIn("connection refused", line)
+        os.unlink(self.sock)
+        port = free_port()
+        self.assertEqual(self.check(f"127.0.0.1:{port}")[0], 1)
+        self.start_app(f"127.0.0.1:{port}", ready=True)
+        self.assertEqual(self.check(f"127.0.0.1:{port}", "/env?x=1")[0], 0)
+        name = f"@wsgi_unix-check-{os.getpid()}-{port}"
+        self.start_app(f"unix:{name}")
+        self.assertEqual(self.check(f"unix:{name}")[0], 0)
+
+    def test_usage_errors(self):
+        for args, fragment in [
+                (("--check", self.sock, "health"), "a PATH begins with /"),
+                (("--check", self.sock, "/a b"), "a PATH begins with /"),
+                (("--check", "--app", "testapp:app", self.sock), "not --app"),
+                (("--check", "--workers", "2", self.sock), "not --workers"),
+                (("--check", self.sock, "--", "date"), "not a command"),
+                (("--check", "localhost"), "for TCP write 127.0.0.1")]:
+            with self.subTest(args=args):
+                self.assertOneLineError(args, 2, fragment)
+        self.assertEqual(self.check("fd:3")[0], 1)
 
 
 class WorkerNginxTests(NginxCase):

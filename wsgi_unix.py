@@ -23,11 +23,12 @@ It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref f
 - nothing from ``os.environ`` reaches the application (wsgiref copies all of it, secrets included);
 - SIGTERM and SIGINT stop it gracefully: no new connections, requests in flight may finish;
 - ``--workers N``: N processes on one socket, a master that replaces one that dies and
-  reloads them all on SIGHUP without losing a request.
+  reloads them all on SIGHUP without losing a request, and recycles a worker after N
+  requests, past a memory size, or when one request runs too long;
+- ``--check ADDRESS``: a health probe for containers that have no curl.
 
-What it deliberately does not do: TLS, HTTP/2, killing a request that runs too long.  Put
-nginx in front for the first two, and use gunicorn or uWSGI when you need the rest; the same
-WSGI app runs there unchanged.
+What it deliberately does not do: TLS, HTTP/2, asyncio.  Put nginx in front for the first
+two; the same WSGI app runs unchanged under gunicorn or uWSGI when you need more.
 
 Map of this file (each section reads alone):
 
@@ -37,10 +38,11 @@ Map of this file (each section reads alone):
   §4 socket I/O              the progress rule, sending with deadlines, the received body
   §5 the engine              connections, the selector, leader/follower threads, stopping
   §6 wsgiref glue            WSGIServer, WSGIRequestHandler, ServerHandler (response framing)
-  §7 worker processes        the master: forks, replaces, reloads and stops the workers
+  §7 worker processes        the master: forks, replaces, recycles, reloads and stops the
+                             workers; its decisions apart from what they do
   §8 API                     make_server, serve
   §9 the example app         command_app: a command per request
-  §10 CLI                    argparse from DEFAULTS, main
+  §10 CLI                    argparse from DEFAULTS, --check, main
 
 To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6;
 how processes are managed, §7.
@@ -54,6 +56,7 @@ import http
 import io
 import os
 import pwd
+import random
 import re
 import select
 import selectors
@@ -108,7 +111,18 @@ DEFAULTS = {
     "proxy_headers": False,      # trust X-Forwarded-For/-Proto (Unix peers, forwarded_allow_ips)
     "forwarded_allow_ips": (),
     "script_name": "",
+    # Recycling (serve() with a master only, §7): a worker is replaced, its replacement serving
+    # before it stops, once it has served max_requests + randint(0, max_requests_jitter)
+    # requests, or its resident memory passed max_worker_memory bytes after a request, or one
+    # request has run request_timeout seconds (that request is cut: 504).  None: never.
+    "max_requests": None,
+    "max_requests_jitter": 0,
+    "max_worker_memory": None,
+    "request_timeout": None,
 }
+# The keywords that ask serve() for a master (any of them set, even with one worker): a thread
+# cannot be killed, and a process cannot be replaced without a gap but by a master.
+_RECYCLING = ("max_requests", "max_requests_jitter", "max_worker_memory", "request_timeout")
 
 # The limits of http.server, which wsgiref parses with: a request line or a header line of at
 # most 64 KiB, at most 100 header lines.  The whole head is capped too, so that one connection
@@ -176,8 +190,14 @@ def _checked(settings):
         number(name, 0, above=True)
     number("keep_alive", 0)
     number("max_request_body", 0, integer=True)
-    if settings["max_spool"] is not None:
-        number("max_spool", 0, integer=True)
+    for name in ("max_spool", "max_requests", "max_worker_memory"):
+        if settings[name] is not None:
+            number(name, 0, integer=True, above=name != "max_spool")
+    number("max_requests_jitter", 0, integer=True)
+    if settings["request_timeout"] is not None:
+        number("request_timeout", 0, above=True)
+    if settings["max_requests_jitter"] and not settings["max_requests"]:
+        raise ValueError("max_requests_jitter goes with max_requests")
     mode = settings["mode"]
     if isinstance(mode, bool) or not isinstance(mode, int):
         raise TypeError(f"mode must be an int like 0o660, not {type(mode).__name__} {mode!r}")
@@ -1318,7 +1338,7 @@ class _Connection:
     while it waits in the selector or in the ready queue, the thread that serves its request."""
 
     __slots__ = ("sock", "address", "peer", "reader", "state", "deadline", "progress", "served",
-                 "request", "registered", "outcome")
+                 "request", "registered", "outcome", "writer")
 
     def __init__(self, sock, address, reader, deadline):
         self.sock, self.address, self.reader = sock, address, reader
@@ -1330,6 +1350,7 @@ class _Connection:
         self.request = None  # the complete request, from ready to answered
         self.registered = 0  # in the selector: for what (EVENT_READ, or EVENT_WRITE)
         self.outcome = None  # how its response ended, for the leader to act on
+        self.writer = None  # the _SocketWriter of its latest response
 
     def move(self, state):
         if state not in _MOVES[self.state]:
@@ -1541,7 +1562,7 @@ class _Engine:
         self.open = 0  # under lead.lock
         self._all_closed = threading.Condition(self.lead.lock)
         self.stopping = self._stop_done = False
-        self.serving = {}  # thread ident -> (since, request) while it runs an app
+        self.serving = {}  # thread ident -> (since, request, connection) while it runs an app
         self._pipelined = deque()  # connections whose next request waits for a look around
         self._closed_since_trim = 0  # connections closed since the last _malloc_trim()
         self._new_sink = lambda: _BodySink(server.spool_budget)
@@ -1590,7 +1611,7 @@ class _Engine:
     def _serve(self, conn, me):
         conn.move(_SERVING)
         started = time.monotonic()
-        self.serving[me] = (started, conn.request)  # for stuck_report()
+        self.serving[me] = (started, conn.request, conn)  # for stuck_report(), recycling
         try:
             outcome = self.server.serve_request(conn)
         except Exception:
@@ -1961,7 +1982,7 @@ class _Engine:
         serving = list(self.serving.values())
         if len(serving) < self.server.threads:
             return None
-        since, request = min(serving, key=lambda item: item[0])
+        since, request, _ = min(serving, key=lambda item: item[0])
         if now - since < after:
             return None
         return (f"all {len(serving)} threads have been busy for more than {after:g} s; the "
@@ -2046,7 +2067,8 @@ class WSGIServer(simple_server.WSGIServer):
     unanswered), ``check_head(request, connection)`` (raise to refuse a request before its
     body is read), ``serve_request(connection)``, ``handle_error(request, client_address)``,
     ``service_actions()`` (called by serve_forever() every 0.1 s, every 10 ms while apps are
-    quick; a worker's server reads its master's word there).  socketserver's
+    quick or it stops; a worker's server reads its master's word there, and cuts requests
+    that ran past --request-timeout).  socketserver's
     one-connection-per-call entry points ``handle_request()``, ``process_request()`` and
     ``finish_request()`` do not fit an engine that keeps connections: they raise
     NotImplementedError.
@@ -2058,8 +2080,9 @@ class WSGIServer(simple_server.WSGIServer):
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
-        if "workers" in settings:
-            raise TypeError("workers is serve()'s keyword: a WSGIServer is one process")
+        for name in ("workers",) + _RECYCLING:
+            if name in settings:
+                raise TypeError(f"{name} is serve()'s keyword: a WSGIServer is one process")
         settings = _checked(dict(DEFAULTS, **settings))
         self.listen_address = address if isinstance(address, ListenAddress) else ListenAddress(address)
         allow_uids = settings["allow_uids"]
@@ -2230,10 +2253,12 @@ class WSGIServer(simple_server.WSGIServer):
                 # yet what is already in the backlog can still be accepted and served.
                 self.listen_address.remove_socket_file()
             engine.begin_stop()
-            engine.wait_closed(stop_began + self.graceful_timeout,
-                               lambda: engine.lead.promote_if_stuck(PROMOTE_AFTER,
-                                                                    time.monotonic())
-                               or self.stopped_at_once)
+
+            def tick():
+                engine.lead.promote_if_stuck(PROMOTE_AFTER, time.monotonic())
+                self.service_actions()  # (a worker's --request-timeout holds meanwhile too)
+                return self.stopped_at_once
+            engine.wait_closed(stop_began + self.graceful_timeout, tick)
         finally:
             self._stop_requested = True
             engine.finish(threads, time.monotonic() + 0.1)
@@ -2356,8 +2381,9 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
         self.close_connection = not (request.keep_alive and server.keep_alive and not server.stopping)
         self.started = time.monotonic()
         self.environ = self.get_environ()  # (kept for the access log)
-        handler = ServerHandler(request.body, _SocketWriter(self.connection, server.timeout),
-                                self.get_stderr(), self.environ, multithread=True)
+        writer = self.conn.writer = _SocketWriter(self.connection, server.timeout)
+        handler = ServerHandler(request.body, writer, self.get_stderr(), self.environ,
+                                multithread=True)
         handler.request_handler = self  # wsgiref's back-pointer, for logging
         handler.http_version = "1.1" if request.version == "HTTP/1.1" else "1.0"
         handler.run(server.get_app())
@@ -2436,16 +2462,42 @@ class WSGIRequestHandler(simple_server.WSGIRequestHandler):
 
 class _SocketWriter:
     """ServerHandler's stdout: the response goes out on the non-blocking socket under the
-    progress rule (§4), which starts with the response."""
+    progress rule (§4), which starts with the response.  Another thread may cut() it."""
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.progress = _Progress(timeout)
         self.sent = 0  # bytes that went out whole
+        self.stopped = False  # cut: what the app writes from now on fails
+        self.lock = threading.Lock()  # held while writing, so that a cut never splits a write
 
     def write(self, data):
-        _send_all(self.sock, data, self.progress)
-        self.sent += len(data)
+        with self.lock:
+            if self.stopped:
+                raise BrokenPipeError(errno.EPIPE, "the response was cut (--request-timeout)")
+            _send_all(self.sock, data, self.progress)
+            self.sent += len(data)
+
+    def cut(self, answer):
+        """(From another thread) end this response: ``answer`` goes out instead if nothing of
+        it has, then the connection is shut down.  True if ``answer`` went out."""
+        answered = False
+        if self.lock.acquire(blocking=False):  # else a write is under way: the head is out
+            try:
+                if not self.sent and not self.stopped:
+                    try:
+                        answered = self.sock.send(answer) == len(answer)
+                    except OSError:
+                        pass
+            finally:
+                self.stopped = True
+                self.lock.release()
+        self.stopped = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed by the client already
+        return answered
 
     def flush(self):
         pass
@@ -2758,13 +2810,15 @@ def _kill_group(pid, signum):
 class _Worker:
     """One worker process, as its master sees it."""
 
-    def __init__(self, pid, generation, channel):
+    def __init__(self, pid, generation, channel, now):
         self.pid, self.generation, self.channel = pid, generation, channel
-        self.started = time.monotonic()
+        self.started = now
         self.ready = False      # it said it serves
+        self.replacing = False  # it asked to be replaced (recycling): retired once another serves
         self.retiring = False   # it was told to stop
         self.heard_end = False  # its end of the channel is closed: it is exiting
         self.kill_at = float("inf")  # once it is told to stop: when it is killed if it lingers
+        self.unread = b""  # what it said, up to an unfinished line
 
 
 class _Master:
@@ -2773,7 +2827,7 @@ class _Master:
     The master binds the address (a WSGIServer it never runs holds the socket and its file;
     only the master removes that file), then forks the workers.  Each loads the app after the
     fork (so that a reload loads new code), runs serve_forever() on its copy of the socket
-    with ``threads`` threads, and writes "R" on its channel -- a socketpair -- once it serves.
+    with ``threads`` threads, and says "R" on its channel -- a socketpair -- once it serves.
     The master stops a worker gracefully by writing on that channel; a worker also stops when
     the channel ends, or at the SIGTERM the kernel sends it when the master dies
     (PR_SET_PDEATHSIG).  A worker's signals are a single process's (a second SIGTERM stops it
@@ -2781,18 +2835,33 @@ class _Master:
     sent to every process of the group (systemd's KillMode, Ctrl-C) is still one signal to
     each.
 
-    Generations: the start, and each SIGHUP, make a new one.  Its first worker starts alone,
-    the others once it serves -- an app that cannot load fails once, not N times.  When all
-    of a generation serve, the older workers are told to stop (each finishes its requests;
+    Generations: the start makes the first, and each SIGHUP a new one.  Its first worker starts
+    alone, the others once it serves -- an app that cannot load fails once, not N times.  When
+    all of a generation serve, the older workers are told to stop (each finishes its requests;
     the new ones accept meanwhile, so a reload loses nothing).  If a new generation's first
-    worker dies before it serves, a start-up fails (exit 1) and a reload is abandoned: the
-    old workers keep serving.
+    worker dies before it serves, a start-up fails (exit 1) and a reload is abandoned: the old
+    workers keep serving, and the generation is theirs again.
 
-    A worker's life::
+    Recycling: a worker that reached a limit (_WorkerServer) says "Q" and why; it no longer
+    counts for its generation, so another is started, and once that one serves, it is told
+    to stop -- the same way as at a reload, one worker at a time.
 
-        forked --("R")--> serving --(told to stop)--> retiring --(exits)--> reaped
-           |                 +--(dies)--> reaped, replaced: at once if it served for
-           +--(dies)--> reaped: failed to start    WORKER_QUICK_DEATH, else after a backoff
+    A worker's life (every transition the code takes)::
+
+        forked     --"R"------------------> serving    it loaded the app and serves
+        forked     --told to stop---------> retiring   a reload began again, or a stop
+        serving    --"Q"------------------> replacing  a recycling limit: another is started
+        serving    --told to stop---------> retiring   a newer generation serves, or a stop
+        replacing  --told to stop---------> retiring   its replacement serves, or a stop
+        retiring   --kill_at passes-------> retiring   SIGKILL (it lingered past the grace)
+        any        --exits or dies--------> reaped     forked: backoff; serving: replaced at
+                                                       once if it served WORKER_QUICK_DEATH;
+                                                       replacing (memory: it stops by itself)
+                                                       and retiring: nothing to do
+
+    The decisions -- _heard(), _ended(), _on_signal(), _keep_up(), _kill_overdue() -- read the
+    clock they are given and the workers' states, and act only through _spawn(), _tell(),
+    _signal(), _announce(), _notify() and log_line() (the unit tests replace those six).
 
     Invariants: the master forks only from its one thread, with the signals it handles
     blocked, and the child resets them before it unblocks them; a child never returns into the
@@ -2802,10 +2871,13 @@ class _Master:
 
     def __init__(self, app, address, workers, options):
         self.app = app  # a WSGI callable (forked with us), or "MODULE:CALLABLE" (each loads it)
-        self.address, self.count, self.options = address, workers, options
+        self.address, self.count = address, workers
+        self.recycling = {name: options.pop(name) for name in _RECYCLING if name in options}
+        self.options = options  # the workers' WSGIServer keywords
+        self.graceful_timeout = options.get("graceful_timeout", DEFAULTS["graceful_timeout"])
         self.server = None
         self.workers = {}  # pid -> _Worker
-        self.generation = 1  # the start's; each SIGHUP adds one
+        self.generation = 1  # the start's; a SIGHUP adds one, a failed reload goes back
         self.proven = False  # a worker of this generation has served
         self.announced = self.reloading = self.stopping = self.at_once = False
         self.failures, self.last_failure, self.retry_at = 0, 0.0, 0.0
@@ -2858,13 +2930,7 @@ class _Master:
                 self._on_signal(self.signals.popleft(), now)
             if self.stopping and not self.workers:
                 return
-            for worker in self.workers.values():
-                if now >= worker.kill_at:  # told to stop (a stop, a reload) long ago
-                    self.server.log_line(f"worker {worker.pid} still runs "
-                                         f"{self.server.graceful_timeout + WORKER_KILL_AFTER:g}"
-                                         f" s after it was told to stop: killed")
-                    os.kill(worker.pid, signal.SIGKILL)
-                    worker.kill_at = float("inf")
+            self._kill_overdue(now)
             if not self.stopping:
                 self._keep_up(now)
             self._wait(now)
@@ -2890,59 +2956,67 @@ class _Master:
                 continue
             worker = listening[fd]
             try:
-                said = worker.channel.recv(16)
+                said = worker.channel.recv(4096)
             except BlockingIOError:
                 continue
             except OSError:
                 said = b""
             if not said:
                 worker.heard_end = True  # it is exiting: SIGCHLD follows
-            elif b"R" in said and not worker.ready:
-                worker.ready = True
-                if worker.generation == self.generation:
-                    self.proven = True
+                continue
+            *lines, worker.unread = (worker.unread + said).split(b"\n")
+            for line in lines:
+                self._heard(worker, line.decode("utf-8", "replace"), now)
+
+    # -- the decisions --
+
+    def _heard(self, worker, message, now):
+        """A worker said ``message``: "R" (it serves), or "Q" and why it wants replacing."""
+        if message == "R" and not worker.ready:
+            worker.ready = True
+            if worker.generation == self.generation:
+                self.proven = True
+        elif message.startswith("Q"):  # (said again, or while it stops: a line, no more)
+            again = worker.replacing or worker.retiring
+            self.log_line(f"worker {worker.pid} {message[1:]}{'' if again else '; replacing it'}")
+            worker.replacing = worker.replacing or not worker.retiring
 
     def _on_signal(self, signum, now):
         if signum == signal.SIGCHLD:
             return
         if dict(_SIGNALS).get(signum) == "ignore":
-            self.server.log_line(f"{signal.Signals(signum).name} means nothing here; ignored "
-                                 f"(SIGTERM stops, SIGHUP reloads, SIGUSR1 reopens the access "
-                                 f"log)")
+            self.log_line(f"{signal.Signals(signum).name} means nothing here; ignored "
+                          f"(SIGTERM stops, SIGHUP reloads, SIGUSR1 reopens the access log)")
         elif dict(_SIGNALS).get(signum) == "reopen":
             self.server.reopen_logs()  # for the workers it starts from now on
             for worker in self.workers.values():
-                try:
-                    os.kill(worker.pid, signum)
-                except OSError:
-                    pass  # gone: SIGCHLD follows
+                self._signal(worker, signum)
         elif signum == signal.SIGHUP:
             if self.stopping:
                 return
             self.generation += 1
             self.proven, self.reloading = False, True
             self.failures, self.retry_at = 0, 0.0  # a deliberate new start
-            _notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
+            self._notify(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
             for worker in self.workers.values():
                 if not worker.ready:  # of an unfinished reload: not worth waiting for
                     self._retire(worker, now)
-            self.server.log_line(f"SIGHUP: reloading: starting {self.count} new workers")
+            self.log_line(f"SIGHUP: reloading: starting {self.count} new workers")
         elif self.stopping:  # a second one: the workers stop at once too
-            self.server.log_line(f"{signal.Signals(signum).name}: a second signal: stopping "
-                                 f"at once")
+            self.log_line(f"{signal.Signals(signum).name}: a second signal: stopping at once")
             self.at_once = True
             for worker in self.workers.values():
                 # Two signals, as a second Ctrl-C is (two of one kind could merge in one).
-                os.kill(worker.pid, signal.SIGTERM)
-                os.kill(worker.pid, signal.SIGINT)
+                self._signal(worker, signal.SIGTERM)
+                self._signal(worker, signal.SIGINT)
         else:
-            self.server.log_line(f"{signal.Signals(signum).name}: stopping gracefully")
+            self.log_line(f"{signal.Signals(signum).name}: stopping gracefully")
             self._stop(now)
 
     def _stop(self, now):
         self.stopping = True
-        _notify_systemd("STOPPING=1")
-        if self.server.listen_address.kind == "unix":
+        self._notify("STOPPING=1")
+        if self.server is not None and self.server.listen_address.kind == "unix":
             # Without its file no one can connect any more; the workers serve the backlog.
             self.server.listen_address.remove_socket_file()
         for worker in self.workers.values():
@@ -2952,87 +3026,51 @@ class _Master:
         """Tell a worker to stop: it finishes its requests within --graceful-timeout, or is
         killed WORKER_KILL_AFTER later (an app whose exit hangs must not linger for good)."""
         if not worker.retiring:
-            worker.kill_at = now + self.server.graceful_timeout + WORKER_KILL_AFTER
+            worker.kill_at = now + self.graceful_timeout + WORKER_KILL_AFTER
         worker.retiring = True
-        try:
-            worker.channel.send(b"S")
-            if not worker.ready:  # still loading the app: it serves nothing, and reads nothing
-                os.kill(worker.pid, signal.SIGTERM)
-        except OSError:
-            pass  # it is gone already
+        self._tell(worker, b"S")
+        if not worker.ready:  # still loading the app: it serves nothing, and reads nothing
+            self._signal(worker, signal.SIGTERM)
+
+    def _kill_overdue(self, now):
+        for worker in self.workers.values():
+            if now >= worker.kill_at:  # told to stop (a stop, a reload, a recycle) long ago
+                self.log_line(f"worker {worker.pid} still runs "
+                              f"{self.graceful_timeout + WORKER_KILL_AFTER:g} s after it was "
+                              f"told to stop: killed")
+                self._signal(worker, signal.SIGKILL)
+                worker.kill_at = float("inf")
 
     def _keep_up(self, now):
         """Start what is missing of this generation; once all of it serves, retire the rest."""
         current = [w for w in self.workers.values()
-                   if w.generation == self.generation and not w.retiring]
+                   if w.generation == self.generation and not (w.retiring or w.replacing)]
         if len(current) < self.count and now >= self.retry_at:
             for _ in range(self.count - len(current) if self.proven else 1 - len(current)):
-                current.append(self._spawn())
+                current.append(self._spawn(now))
         if self.failures and any(w.ready and w.started > self.last_failure
                                  and now - w.started >= WORKER_QUICK_DEATH for w in current):
             self.failures = 0
         if not (self.proven and len(current) == self.count and all(w.ready for w in current)):
             return
-        old = [w for w in self.workers.values() if w.generation != self.generation
-               and not w.retiring]
+        old = [w for w in self.workers.values() if w not in current and not w.retiring]
         for worker in old:
             self._retire(worker, now)
         pids = " ".join(str(w.pid) for w in current)
         if not self.announced:  # (a SIGHUP before it counts as no reload)
             self.announced, self.reloading = True, False
-            _log_write(sys.stderr, f"{PROG}: serving on {self.server}"
-                                   f"{self.server.listen_address.who_may_connect()} with "
-                                   f"{self.count} workers (pids {pids})\n")
-            _notify_systemd("READY=1")
+            self._announce(pids)
+            self._notify("READY=1")
         elif self.reloading:
             self.reloading = False
-            self.server.log_line(f"reloaded: workers {pids} serve; "
-                                 f"{' '.join(str(w.pid) for w in old) or 'none'} finish their "
-                                 f"requests and exit")
-            _notify_systemd("READY=1")
-
-    def _spawn(self):
-        mine, theirs = socket.socketpair()
-        _flush_standard_streams()  # or the child would write our buffered text again
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled())
-        try:
-            pid = os.fork()
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            mine.close()
-            theirs.close()
-            raise
-        if pid == 0:
-            self._work(theirs, mine, mask)  # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        theirs.close()
-        mine.setblocking(False)
-        worker = self.workers[pid] = _Worker(pid, self.generation, mine)
-        return worker
-
-    def _reap(self, now):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is not None:  # else an orphan a command left us (the command app)
-                worker.channel.close()
-                self._ended(worker, status, now)
-                if _SUBREAPER:
-                    # The commands it was running came to us: nobody reads them any more.
-                    for child in _children():
-                        if child not in self.workers:
-                            _kill_group(child, signal.SIGKILL)  # a command leads its group
-                            try:
-                                os.kill(child, signal.SIGKILL)
-                            except OSError:
-                                pass  # gone with its group already
+            self.log_line(f"reloaded: workers {pids} serve; "
+                          f"{' '.join(str(w.pid) for w in old) or 'none'} finish their "
+                          f"requests and exit")
+            self._notify("READY=1")
 
     def _ended(self, worker, status, now):
+        """A worker was reaped with ``status`` (os.waitpid's)."""
+        del self.workers[worker.pid]
         if self.stopping or worker.retiring:
             return
         if os.WIFSIGNALED(status):
@@ -3049,12 +3087,16 @@ class _Master:
             serving = [w.generation for w in self.workers.values() if w.ready and not w.retiring]
             if serving:  # the new code does not start: keep the old
                 self.generation, self.proven, self.reloading = max(serving), True, False
-                self.server.log_line(f"reload failed: the first new worker {how} before it "
-                                     f"served; the old workers keep serving")
-                _notify_systemd("READY=1")
+                self.log_line(f"reload failed: the first new worker {how} before it served; "
+                              f"the old workers keep serving")
+                self._notify("READY=1")
                 return
+        if worker.replacing:  # it stopped by itself (--max-worker-memory), or died meanwhile
+            if status:
+                self.log_line(f"worker {worker.pid} {how} before its replacement served")
+            return
         if worker.ready and lived >= WORKER_QUICK_DEATH:
-            self.server.log_line(f"worker {worker.pid} {how}; starting another")
+            self.log_line(f"worker {worker.pid} {how}; starting another")
             return
         self.failures += 1
         self.last_failure = now
@@ -3065,8 +3107,74 @@ class _Master:
             return
         delay = WORKER_RETRY * 2 ** (self.failures - 1)
         self.retry_at = now + delay
-        self.server.log_line(f"worker {worker.pid} {how} {lived:.1f} s after its start; "
-                             f"starting another in {delay:g} s")
+        self.log_line(f"worker {worker.pid} {how} {lived:.1f} s after its start; starting "
+                      f"another in {delay:g} s")
+
+    # -- what the decisions do (the hooks the unit tests replace) --
+
+    def log_line(self, message):
+        self.server.log_line(message)
+
+    def _tell(self, worker, word):
+        try:
+            worker.channel.send(word)
+        except OSError:
+            pass  # it is gone already
+
+    def _signal(self, worker, signum):
+        try:
+            os.kill(worker.pid, signum)
+        except OSError:
+            pass  # gone: SIGCHLD follows
+
+    def _notify(self, state):
+        _notify_systemd(state)
+
+    def _announce(self, pids):
+        _log_write(sys.stderr, f"{PROG}: serving on {self.server}"
+                               f"{self.server.listen_address.who_may_connect()} with "
+                               f"{self.count} worker{'s' if self.count > 1 else ''} (pids {pids})\n")
+
+    def _spawn(self, now):
+        mine, theirs = socket.socketpair()
+        _flush_standard_streams()  # or the child would write our buffered text again
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled())
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            self._work(theirs, mine, mask)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        theirs.close()
+        mine.setblocking(False)
+        worker = self.workers[pid] = _Worker(pid, self.generation, mine, now)
+        return worker
+
+    def _reap(self, now):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.get(pid)
+            if worker is not None:  # else an orphan a command left us (the command app)
+                worker.channel.close()
+                self._ended(worker, status, now)
+                if _SUBREAPER:
+                    # The commands it was running came to us: nobody reads them any more.
+                    for child in _children():
+                        if child not in self.workers:
+                            _kill_group(child, signal.SIGKILL)  # a command leads its group
+                            try:
+                                os.kill(child, signal.SIGKILL)
+                            except OSError:
+                                pass  # gone with its group already
 
     def _work(self, channel, masters_end, mask):
         """The child: become a worker, serve until told to stop, and exit -- never return."""
@@ -3097,12 +3205,13 @@ class _Master:
             if _SUBREAPER:  # not inherited by fork(); the command app's orphans come to us
                 _become_subreaper()
             app = _load_app(self.app) if isinstance(self.app, str) else self.app
-            with _WorkerServer(ListenAddress(f"fd:{listener}"), channel, **self.options) as server:
+            with _WorkerServer(ListenAddress(f"fd:{listener}"), channel, self.recycling,
+                               **self.options) as server:
                 # What is queued when it stops, it serves (at a reload the new workers would
                 # too; at a stop, no one else), unless the socket is systemd's to keep.
                 server.leave_backlog = self.server.listen_address.inherited
                 server.set_app(app)
-                _serve_until_signal(server, lambda: channel.send(b"R"))
+                _serve_until_signal(server, lambda: server.tell_master("R"))
             status = 0
         except ServeError as exc:
             _log_write(sys.stderr, f"{_WHO}: {exc}\n")
@@ -3120,14 +3229,75 @@ class _Master:
                 os._exit(status)
 
 
-class _WorkerServer(WSGIServer):
-    """A worker's server: it also stops when its master says so, or is gone."""
+def _resident_memory(peak_below=None):
+    """This process's resident memory in bytes (from /proc/self/statm, Linux), or 0 when it is
+    surely below ``peak_below``: its peak, from getrusage() (1 us), is -- a read of /proc
+    costs ten times that, and is needed only then."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux gives KiB)
+    if peak_below is not None and peak < peak_below:
+        return 0
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak  # no /proc: the peak is what there is
 
-    def __init__(self, address, channel, **settings):
+
+class _WorkerServer(WSGIServer):
+    """A worker's server: it stops when its master says so, or is gone, and asks its master
+    to replace it when a recycling limit is reached (see DEFAULTS):
+
+    - max_requests (+ jitter, drawn once per worker): counted after each request;
+    - max_worker_memory: looked at after each request (_resident_memory: one getrusage());
+      past it, the worker stops at once (gracefully, leaving its backlog to the others): every
+      request it took meanwhile could make it grow;
+    - request_timeout: the main thread looks at the requests in the apps each time it wakes
+      (every 0.1 s at most); one that ran longer is cut -- its client gets 504 if nothing of
+      its response went out yet, else the connection is shut down -- and the worker asks to be
+      replaced: the thread stays in the app (a thread cannot be killed), and the process ends
+      once its other requests had --graceful-timeout after its replacement serves.
+    """
+
+    def __init__(self, address, channel, recycling, **settings):
         self.channel = channel
+        most, jitter = recycling.get("max_requests"), recycling.get("max_requests_jitter") or 0
+        self.max_requests = most + random.randint(0, jitter) if most else None
+        self.max_memory = recycling.get("max_worker_memory")
+        self.request_timeout = recycling.get("request_timeout")
+        self.served = 0
+        self.asked = False  # to be replaced for a limit it reached
         super().__init__(address, **settings)
 
+    def tell_master(self, message):
+        try:
+            self.channel.send(message.translate(_LOG_ESCAPES).encode() + b"\n")
+        except OSError:
+            pass  # the master is gone: service_actions() sees it
+
+    def serve_request(self, connection):
+        outcome = super().serve_request(connection)
+        self.served += 1  # (threads may lose one now and then: a recycle comes a request later)
+        if self.asked:
+            return outcome
+        if self.max_requests is not None and self.served >= self.max_requests:
+            self.asked = True
+            self.tell_master(f"Qserved {self.served} requests (--max-requests)")
+        elif self.max_memory is not None:
+            resident = _resident_memory(peak_below=self.max_memory)
+            if resident > self.max_memory:
+                self.asked = True
+                self.tell_master(f"Qhas {resident / 2**20:.0f} MiB resident after a request "
+                                 f"(--max-worker-memory {self.max_memory / 2**20:g}M)")
+                # Every further request could grow it: it stops now, as at a stop, but leaves
+                # the queued connections to the others and to its replacement.
+                self.leave_backlog = True
+                self.request_stop()
+        return outcome
+
     def service_actions(self):
+        if self.request_timeout is not None:
+            self._cut_overdue(time.monotonic())
         try:
             self.channel.recv(16, socket.MSG_DONTWAIT)  # a word, or the end: either way, stop
         except BlockingIOError:
@@ -3135,6 +3305,18 @@ class _WorkerServer(WSGIServer):
         except OSError:
             pass
         self.request_stop()
+
+    def _cut_overdue(self, now):
+        for since, request, conn in list(self._engine.serving.values()):
+            writer = conn.writer
+            if now - since < self.request_timeout or writer is None or writer.stopped:
+                continue
+            answer = _error_answer(504, f"the request ran longer than --request-timeout "
+                                        f"({self.request_timeout:g} s)", request.version)
+            answered = writer.cut(answer)
+            self.tell_master(f"Qran {request.method} {request.path} for {now - since:.1f} s "
+                             f"(--request-timeout {self.request_timeout:g}); "
+                             f"{'its client got 504' if answered else 'its connection was closed'}")
 
 
 # --- §8 API -------------------------------------------------------------------------------
@@ -3157,8 +3339,10 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     ``app`` is a WSGI callable, or its name as text, ``"MODULE:CALLABLE"`` (as --app takes it).
     With ``workers`` above 1, a master process forks that many workers (§7): a name is then
     imported by each worker, so that SIGHUP's reload loads new code; a callable is inherited
-    as it is.  Prints the readiness line ``wsgi_unix: serving on ADDRESS`` on stderr once it
-    serves.  Signal handlers are installed only when called from the main thread (workers
+    as it is.  The recycling keywords (``max_requests``, ``max_requests_jitter``,
+    ``max_worker_memory``, ``request_timeout``: see DEFAULTS) need that master: with any of
+    them, it runs even for one worker.  Prints the readiness line ``wsgi_unix: serving on
+    ADDRESS`` on stderr once it serves.  Signal handlers are installed only when called from the main thread (workers
     need it).  Raises ServeError with the reason when it stops for a failure.
     """
     _checked(dict(DEFAULTS, workers=workers, **options))
@@ -3166,8 +3350,10 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     free = _free_spool_space() if workers > 1 and options.get("max_spool") is None else None
     if free:
         options["max_spool"] = free // workers  # the default, shared by the workers
-    if workers > 1:
+    if workers > 1 or any(options.get(name) for name in _RECYCLING):
         return _Master(app, address, workers, options).run()
+    for name in _RECYCLING:
+        options.pop(name, None)  # (all off)
     if isinstance(app, str):
         app = _load_app(app)
     with make_server(address, app, **options) as server:
@@ -3678,9 +3864,14 @@ examples:
       a WSGI app behind nginx, with the client's address from X-Forwarded-For
   python3 wsgi_unix.py --workers 4 --app myapp:application /run/app/app.sock
       four processes on one socket; SIGHUP reloads them with the code as it is now
+  python3 wsgi_unix.py --check /run/app/app.sock /health
+      a health probe (Docker HEALTHCHECK, Kubernetes): exit 0 on a 2xx or 3xx within 5 s
 
 exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 if it cannot serve, 2 for a usage error
 """
+
+
+CHECK_TIMEOUT = 5.0  # --check's --timeout: a probe that waits long only delays the verdict
 
 
 def _parse_command_line(argv):
@@ -3747,7 +3938,8 @@ def _parse_command_line(argv):
     parser = Parser(
         prog=f"python3 {os.path.basename(sys.argv[0]) or 'wsgi_unix.py'}",
         usage="%(prog)s [OPTIONS] ADDRESS [-- COMMAND [ARG ...]]\n"
-              "       %(prog)s [OPTIONS] --app MODULE:CALLABLE ADDRESS",
+              "       %(prog)s [OPTIONS] --app MODULE:CALLABLE ADDRESS\n"
+              "       %(prog)s --check ADDRESS [PATH] [--timeout SECONDS]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a WSGI application -- or, without --app, the output of COMMAND run\n"
                     "once per request (default: date -u) -- on a Unix socket, safely.",
@@ -3760,20 +3952,20 @@ def _parse_command_line(argv):
                         help="socket file mode, in force before listen() (default: 600; nginx: 660)")
     server.add_argument("--group", metavar="NAME|GID",
                         help="socket file group, e.g. www-data (default: the process's group)")
-    server.add_argument("--workers", type=positive(int), default=DEFAULTS["workers"], metavar="N",
+    server.add_argument("--workers", type=positive(int), metavar="N",
                         help="processes, each with --threads threads, on one socket: a master "
                              "starts them, replaces one that dies, reloads them on SIGHUP "
-                             "(default: %(default)s: no master, one process)")
+                             "(default: 1, and no master, unless a recycling option is given)")
     server.add_argument("--threads", type=positive(int), default=DEFAULTS["threads"], metavar="N",
                         help="threads that run the app: at most N requests at once; waiting "
                              "connections hold none (default: %(default)s)")
-    server.add_argument("--timeout", type=positive(float), default=DEFAULTS["timeout"],
-                        metavar="SECONDS",
-                        help="for the request head to arrive, then for each 64 KiB of its body "
-                             "or of the response (default: %(default)g); then 408 or a close. "
-                             "It does not bound the app: a thread cannot be killed (gunicorn "
-                             "kills a stuck worker); when every thread has been in one request "
-                             "this long, a line says so, once a minute at most")
+    server.add_argument("--timeout", type=positive(float), metavar="SECONDS",
+                        help=f"for the request head to arrive, then for each 64 KiB of its body "
+                             f"or of the response (default: {DEFAULTS['timeout']:g}; with "
+                             f"--check, {CHECK_TIMEOUT:g}); then 408 or a close.  It does not "
+                             f"bound the app (see --request-timeout); when every thread has "
+                             f"been in one request this long, a line says so, once a minute at "
+                             f"most")
     server.add_argument("--keep-alive", type=non_negative(float), default=DEFAULTS["keep_alive"],
                         metavar="SECONDS",
                         help="how long an idle HTTP/1.1 connection stays open (default: "
@@ -3808,6 +4000,26 @@ def _parse_command_line(argv):
                              "it), or - for stdout (what containers collect) (default: stderr)")
     server.add_argument("--quiet", action="store_true", help="no access log")
     server.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    server.add_argument("--check", action="store_true",
+                        help="be a health probe instead: GET PATH (default: /) from the server "
+                             "at ADDRESS; exit 0 on a 2xx or 3xx within --timeout, else 1 with "
+                             "a line saying why")
+    recycling = parser.add_argument_group(
+        "recycling (with --workers N, N >= 1: a worker is replaced, its replacement serving "
+        "first)")
+    recycling.add_argument("--max-requests", type=positive(int), metavar="N",
+                           help="after N requests (an app that leaks memory)")
+    recycling.add_argument("--max-requests-jitter", type=non_negative(int), default=0,
+                           metavar="J",
+                           help="after N plus 0 to J requests, drawn for each worker (so that "
+                                "they are not all replaced at once)")
+    recycling.add_argument("--max-worker-memory", type=size, metavar="SIZE",
+                           help="once its resident memory passed SIZE (e.g. 500M) after a "
+                                "request (an app that leaks, or a request that bloats it)")
+    recycling.add_argument("--request-timeout", type=positive(float), metavar="SECONDS",
+                           help="once a request has run this long (an app stuck on a dead "
+                                "database): the request gets 504, the worker's other requests "
+                                "get --graceful-timeout (default: off)")
     gateway = parser.add_argument_group("the command (without --app)")
     gateway.add_argument("--cgi", action="store_true",
                          help="the output starts with CGI headers (Status:, Content-Type:, ...)")
@@ -3832,6 +4044,12 @@ def _parse_command_line(argv):
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1:]
     args, unknown = parser.parse_known_args(argv)
+    args.path = "/"
+    if args.check and unknown and not unknown[0].startswith("-"):
+        args.path = unknown.pop(0)
+        if not re.fullmatch(r"/[!-~]*", args.path):
+            parser.error(f"--check {args.address} {args.path!r}: a PATH begins with / and has "
+                         f"no spaces or control characters (encode them: %20)")
     if unknown:  # named, rather than taken for the address (--workers 2 ./app.sock)
         options = [arg for arg in unknown if arg.startswith("-")]
         if not options:
@@ -3839,10 +4057,28 @@ def _parse_command_line(argv):
                          f"{PROG}.py {args.address} -- {' '.join(unknown)})")
         option = options[0].split("=", 1)[0]
         parser.error(f"unknown option {options[0]}" + _HABITS.get(option, ""))
+    defaults = vars(parser.parse_known_args([args.address])[0])
+    if args.check:
+        given = [action.option_strings[0] for action in parser._actions
+                 if action.dest not in ("check", "timeout", "address", "help", "version")
+                 and getattr(args, action.dest) != defaults[action.dest]]
+        if given or command:
+            parser.error(f"--check takes an ADDRESS, a PATH and --timeout, not "
+                         f"{given[0] if given else 'a command'}")
+        args.timeout = args.timeout or CHECK_TIMEOUT
+        return args, command
+    args.timeout = args.timeout or DEFAULTS["timeout"]
+    recycling = [option for option, name in _RECYCLING_OPTIONS if getattr(args, name)]
+    if recycling and args.workers is None:
+        parser.error(f"{recycling[0]} needs --workers N (1 or more): a worker is recycled by "
+                     f"starting another process before it stops (a thread cannot be killed), "
+                     f"which a master does")
+    if args.max_requests_jitter and not args.max_requests:
+        parser.error("--max-requests-jitter goes with --max-requests")
+    args.workers = args.workers or DEFAULTS["workers"]
     if args.app and command:
         parser.error("give either --app or a COMMAND, not both")
     if args.app:
-        defaults = vars(parser.parse_known_args([args.address])[0])
         given = [option for option, name in _COMMAND_OPTIONS
                  if getattr(args, name) != defaults[name]]
         if given:
@@ -3866,10 +4102,67 @@ _HABITS = {
 }
 _HABITS["--bind"] = _HABITS["-b"]
 
+_RECYCLING_OPTIONS = [("--max-requests", "max_requests"), ("--max-worker-memory",
+                                                           "max_worker_memory"),
+                      ("--request-timeout", "request_timeout")]
+
 # The command app's options: with --app they would do nothing, so they are a usage error.
 _COMMAND_OPTIONS = [("--cgi", "cgi"), ("--pass-env", "pass_env"), ("--max-body", "max_body"),
                     ("--max-output", "max_output"), ("--command-timeout", "command_timeout"),
                     ("--methods", "methods"), ("--max-procs", "max_procs")]
+
+
+def _check(text, path, timeout):
+    """--check: one GET, as a health probe makes it; 0 for a 2xx or 3xx, else 1 and why."""
+    def fail(why):
+        _log_write(sys.stderr, f"{PROG} --check: {text}: {why}\n")
+        return 1
+    try:
+        address = ListenAddress(text)
+    except AddressError as exc:
+        _log_write(sys.stderr, f"{PROG}: {exc}\n")
+        return 2
+    if address.inherited:
+        return fail("fd:N is a socket passed at start-up; check the address it listens on")
+    deadline = time.monotonic() + timeout
+    try:
+        if address.kind == "tcp":
+            sock, host = socket.create_connection((address.host, address.port), timeout), text
+        else:
+            sock, host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), "localhost"
+        with sock:
+            sock.settimeout(timeout)
+            if address.kind == "unix":
+                sock.connect(address.path)
+            elif address.kind == "abstract":
+                sock.connect("\0" + address.path[1:])
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {PROG}-check\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head and len(head) < MAX_LINE:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                data = sock.recv(4096)
+                if not data:
+                    break
+                head += data
+    except FileNotFoundError:
+        return fail("no such socket (is the server running? is this its path?)")
+    except ConnectionRefusedError:
+        return fail("connection refused: nothing listens there")
+    except socket.timeout:
+        return fail(f"no answer within {timeout:g} s (--timeout)")
+    except OSError as exc:
+        return fail(exc.strerror or str(exc))
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    status = re.match(r"HTTP/1\.[01] ([1-5]\d\d)(?: |\Z)", line)
+    if not status:
+        return fail(f"not an HTTP answer: {line[:80]!r}" if head else
+                    "the connection closed without an answer")
+    if not 200 <= int(status.group(1)) < 400:
+        return fail(f"GET {path}: {line[9:].translate(_LOG_ESCAPES)}")
+    _log_write(sys.stdout, f"{PROG} --check: {text}: GET {path}: "
+                           f"{line[9:].translate(_LOG_ESCAPES)}\n")
+    return 0
 
 
 def _access_log(args):
@@ -3978,6 +4271,8 @@ def _print_app_traceback(exc):
 def main(argv=None):
     """The command line; returns the exit status (0 clean stop, 1 failure, 2 usage error)."""
     args, command = _parse_command_line(argv)
+    if args.check:
+        return _check(args.address, args.path, args.timeout)
     access_log = None
     try:
         address = ListenAddress(args.address)
@@ -4006,7 +4301,9 @@ def main(argv=None):
                                                                            args.max_body),
               allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
               proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
-              script_name=args.script_name)
+              script_name=args.script_name, max_requests=args.max_requests,
+              max_requests_jitter=args.max_requests_jitter,
+              max_worker_memory=args.max_worker_memory, request_timeout=args.request_timeout)
     except AddressError as exc:
         _log_write(sys.stderr, f"{PROG}: {exc}\n")
         return 2
