@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -318,13 +319,26 @@ application = get_wsgi_application()
 '''
 
 
+def connect(address, timeout=DEADLINE):
+    """The tests' one way to connect: a socket connected to ``address`` (a Unix socket's
+    path, or a (host, port) tuple), with ``timeout`` on each of its operations."""
+    family = socket.AF_UNIX
+    if isinstance(address, tuple):
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def unix_connection(path, timeout=DEADLINE):
     """An http.client connection over a connected AF_UNIX socket."""
     conn = http.client.HTTPConnection("localhost", timeout=timeout)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(path)
-    conn.sock = sock
+    conn.sock = connect(path, timeout)
     return conn
 
 
@@ -345,12 +359,7 @@ def get(path, url="/", method="GET", body=None, headers=None, timeout=DEADLINE):
 
 def raw_request(path, data, timeout=DEADLINE):
     """Send raw bytes, return everything the server answers until it closes."""
-    family = socket.AF_UNIX
-    if isinstance(path, tuple):
-        family = socket.AF_INET6 if ":" in path[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
+    with connect(path, timeout) as sock:
         sock.sendall(data)
         chunks = []
         while True:
@@ -423,12 +432,11 @@ def steady_load(request, clients=4, pause=0.0):
 
 
 def connectable(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-            return True
-        except OSError:
-            return False
+    try:
+        connect(path).close()
+        return True
+    except OSError:
+        return False
 
 
 class Server:
@@ -564,7 +572,557 @@ def python_for_nobody():
     raise AssertionError("no Python that user nobody may run; install python3 from apt")
 
 
-# --- Addresses ----------------------------------------------------------------------------
+# --- Helpers ------------------------------------------------------------------------------
+
+def request_bytes(path="/", method="GET", headers=(), body=b"", close=True):
+    """An HTTP/1.1 request; with ``close``, one that asks the server to close after it."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"] + list(headers)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def split_response(answer):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return status_of(answer), head.decode("latin-1"), body
+
+
+def process_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def process_threads(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+
+
+def process_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_idle(path, count):
+    sockets = []
+    for _ in range(count):
+        sockets.append(connect(path))
+    return sockets
+
+
+def process_alive(pid):
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def readme_block(language, containing):
+    """The README's code block in ``language`` that contains ``containing``."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    blocks = text.split(f"```{language}\n")[1:]
+    found = [block.split("```", 1)[0] for block in blocks if containing in block]
+    if len(found) != 1:
+        raise AssertionError(f"README has {len(found)} {language} blocks with {containing!r}")
+    return found[0]
+
+
+def readme_site(sock, port, static):
+    """The README's nginx site, for a socket at ``sock``, on 127.0.0.1:``port``."""
+    site = readme_block("nginx", "proxy_http_version")
+    for text, replacement in (("/run/app/app.sock", sock), ("listen 80;", f"listen 127.0.0.1:{port};"),
+                              ("listen [::]:80;", ""), ("/opt/app/static/", static + "/")):
+        if text not in site:
+            raise AssertionError(f"the README's site has no {text!r}")
+        site = site.replace(text, replacement)
+    return site
+
+
+def require_tool(test, name):
+    """Skip without ``name`` -- but fail in CI, which must have installed it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            test.fail(f"{name} is missing; .ci/run should have installed it")
+        test.skipTest(f"{name} is not installed")
+    return path
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NginxCase(ServerTestCase):
+    """Real nginx in front, configured with the README's own snippet."""
+
+    server_args = ()  # added to the README's command line
+
+    def setUp(self):
+        super().setUp()
+        nginx = require_tool(self, "nginx")
+        self.port = free_port()
+        prefix = os.path.join(self.dir, "nginx")
+        os.mkdir(prefix)
+        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.mkdir(os.path.join(prefix, temp))
+            shutil.chown(os.path.join(prefix, temp), "www-data")
+        snippet = readme_site(self.sock, self.port, self.dir)
+        # A cache in front, for requests that ask for it (X-Test-Cache: 1), to see that a
+        # truncated response is never taken for a whole one; and a location rule.
+        snippet = snippet.replace("location / {", "location /admin { return 403; }\n"
+                                  "    location / {\n        proxy_cache test;\n"
+                                  "        proxy_cache_valid 200 1m;\n"
+                                  "        proxy_cache_bypass $no_cache;\n"
+                                  "        proxy_no_cache $no_cache;\n"
+                                  "        add_header X-Cache $upstream_cache_status;")
+        config = os.path.join(prefix, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(f"""
+user www-data;
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    proxy_cache_path {prefix}/cache keys_zone=test:1m;
+    map $http_x_test_cache $no_cache {{ default 1; "1" 0; }}
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{snippet}
+}}
+""")
+        self.error_log = os.path.join(prefix, "error.log")
+        self.nginx = subprocess.Popen([nginx, "-p", prefix, "-c", config, "-e", self.error_log],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(self.stop_nginx)
+        wait_for(lambda: self.nginx.poll() is not None or self.port_open(), "nginx to listen")
+        self.assertIsNone(self.nginx.poll(), self.nginx.stderr.read())
+        # The README's command line, with the test's app and socket.
+        self.server = self.start("--mode", "660", "--group", "www-data", "--proxy-headers",
+                                 *self.server_args, "--app", "testapp:app", self.sock)
+
+    def port_open(self):
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop_nginx(self):
+        self.nginx.terminate()
+        self.nginx.wait(DEADLINE)
+        self.nginx.stderr.close()
+
+    def fetch(self, method, url, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
+        return exchange(conn, method, url, body, headers)
+
+
+def read_all(data, step=None, max_body=1 << 30):
+    """Feed ``data`` to a request reader whole, or ``step`` bytes at a time; return the whole
+    requests as (method, path, query, version, keep_alive, body), and the bytes left over."""
+    reader = wsgi_unix._RequestReader(max_body, wsgi_unix._BodySink)
+    requests = []
+    pieces = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        reader.receive(piece)
+        while True:
+            event = reader.next_event()
+            if event is None:
+                break
+            kind, request = event
+            if kind == "request":
+                requests.append((request.method, request.path, request.query, request.version,
+                                 request.keep_alive, request.body.read()))
+    return requests, bytes(reader.buffer)
+
+
+def refusal(data, step=None, max_body=1 << 30):
+    """The status a request reader refuses ``data`` with, or None."""
+    try:
+        read_all(data, step, max_body)
+    except wsgi_unix._HTTPError as error:
+        return error.status
+    return None
+
+
+CHUNKED = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def get11(path=b"/", *headers):
+    return b"\r\n".join([b"GET %s HTTP/1.1" % path, b"Host: a"] + list(headers)) + b"\r\n\r\n"
+
+
+def drawn_moves(text):
+    """The moves a drawing shows, in lines such as ``serving -> idle | head | closed``."""
+    moves = {}
+    for line in text.splitlines():
+        match = re.match(r"\s*(?:a connection.*:)?\s*([a-z]+)\s+->\s+([a-z |]+?)\s*(?:\(.*)?$", line)
+        if match and match.group(1) in wsgi_unix._MOVES:
+            moves[match.group(1)] = {state.strip() for state in match.group(2).split("|")}
+    return moves
+
+
+class Responses:
+    """Read HTTP responses one after another from a socket (keep-alive, pipelining)."""
+
+    def __init__(self, sock):
+        self.sock, self.buffer = sock, b""
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buffer += data
+
+    def _until(self, marker):
+        while marker not in self.buffer:
+            self._fill()
+        part, _, self.buffer = self.buffer.partition(marker)
+        return part
+
+    def _take(self, count):
+        while len(self.buffer) < count:
+            self._fill()
+        part, self.buffer = self.buffer[:count], self.buffer[count:]
+        return part
+
+    def next(self, method="GET"):
+        """(version, status, headers with lower-case names, body) of the next response."""
+        status_line, *lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        version, status = status_line.split(" ")[0], int(status_line.split(" ")[1])
+        headers = dict((name.lower(), value) for name, value in
+                       (line.split(": ", 1) for line in lines))
+        if method == "HEAD" or status < 200 or status in (204, 304):
+            body = b""
+        elif "content-length" in headers:
+            body = self._take(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self._until(b"\r\n"), 16)
+                if not size:
+                    self._until(b"\r\n")
+                    break
+                body += self._take(size)
+                assert self._take(2) == b"\r\n"
+        else:
+            body = self.rest()
+        return version, status, headers, body
+
+    def rest(self):
+        """Everything until the server closes."""
+        while True:
+            try:
+                self._fill()
+            except EOFError:
+                part, self.buffer = self.buffer, b""
+                return part
+
+    def closed(self):
+        """True once the server has closed (fails if it sends more, or not within DEADLINE)."""
+        return self.rest() == b""
+
+
+def children(pid):
+    """The pids of ``pid``'s children that still run (from /proc)."""
+    found = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(child) for child in f.read().split())
+    except OSError:
+        pass
+    return {child for child in found if process_alive(child)}
+
+
+def worker_pids(line):
+    """The pids a readiness line ("... with 2 workers (pids 12 13)") names."""
+    return {int(pid) for pid in line.rsplit("(pids ", 1)[1].rstrip(")").split()}
+
+
+# --- The file itself: its map, and each section using only those above it -----------------
+
+class FileLayoutUnitTests(unittest.TestCase):
+    """The map at the top of wsgi_unix.py is true: its sections, in the order they depend."""
+
+    def sections(self):
+        with open(SERVER) as f:
+            text = f.read()
+        headers = [(number + 1, int(match.group(1)), match.group(2))
+                   for number, line in enumerate(text.splitlines())
+                   for match in [re.match(r"# --- §(\d+) (.*?) -+$", line)] if match]
+        return text, headers
+
+    def test_no_section_uses_a_name_defined_in_a_later_one(self):
+        import ast
+        text, headers = self.sections()
+        tree = ast.parse(text)
+
+        def section(line):
+            return max([number for start, number, _ in headers if start <= line], default=0)
+        defined = {}
+        for node in tree.body:
+            targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                       [name.id for target in getattr(node, "targets", ())
+                        for name in ast.walk(target) if isinstance(name, ast.Name)])
+            for name in targets:
+                defined.setdefault(name, section(node.lineno))
+        later = sorted({(section(node.lineno), used.id, defined[used.id])
+                        for node in tree.body for used in ast.walk(node)
+                        if isinstance(used, ast.Name) and used.id in defined
+                        and defined[used.id] > section(node.lineno)})
+        self.assertEqual(later, [], "(section, name, the later section that defines it)")
+
+    def test_the_map_names_every_section_in_order(self):
+        text, headers = self.sections()
+        self.assertEqual([number for _, number, _ in headers], list(range(1, len(headers) + 1)))
+        mapped = re.findall(r"^  §(\d+) ", wsgi_unix.__doc__, re.M)
+        self.assertEqual([int(number) for number in mapped], list(range(1, len(headers) + 1)))
+
+
+# --- §1 Settings and errors: the settings table, the log writer ---------------------------
+
+class SettingsUnitTests(unittest.TestCase):
+    """_checked(), which serve(), make_server() and WSGIServer share: no socket."""
+
+    def test_each_bad_value_is_refused_naming_its_keyword(self):
+        for keywords, error, naming in [
+                ({"workers": 0}, ValueError, "workers=0"),
+                ({"max_requests": 0}, ValueError, "max_requests=0: must be above 0"),
+                ({"max_requests": 1.5}, TypeError, "max_requests must be a number"),
+                ({"max_requests_jitter": -1}, ValueError, "max_requests_jitter"),
+                ({"max_requests_jitter": 5}, ValueError, "goes with max_requests"),
+                ({"max_worker_memory": 0}, ValueError, "max_worker_memory"),
+                ({"max_worker_memory": "1G"}, TypeError, "max_worker_memory"),
+                ({"request_timeout": 0}, ValueError, "request_timeout=0"),
+                ({"request_timeout": float("inf")}, ValueError, "request_timeout"),
+                ({"request_timeout": True}, TypeError, "request_timeout")]:
+            with self.subTest(keywords=keywords):
+                with self.assertRaises(error) as caught:
+                    wsgi_unix._checked(dict(wsgi_unix.DEFAULTS, **keywords))
+                self.assertIn(naming, str(caught.exception))
+        fine = dict(wsgi_unix.DEFAULTS, max_requests=1000, max_requests_jitter=50,
+                    max_worker_memory=1 << 29, request_timeout=30)
+        self.assertIs(wsgi_unix._checked(fine), fine)
+
+    def test_recycling_keywords_are_serves_not_a_servers(self):
+        for name in wsgi_unix._RECYCLING:
+            with self.subTest(name=name):
+                with self.assertRaisesRegex(TypeError, f"{name} is serve"):
+                    wsgi_unix.WSGIServer("unused.sock", **{name: 5})
+
+
+class CommandLineUnitTests(unittest.TestCase):
+    """The command line read into settings, from the settings table: no process."""
+
+    def parse(self, *argv):
+        return wsgi_unix._parse_command_line(list(argv) + ["app.sock"])
+
+    def refused(self, *argv):
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            with self.assertRaises(SystemExit) as caught:
+                self.parse(*argv)
+        self.assertEqual(caught.exception.code, 2)
+        return said.getvalue()
+
+    def test_what_each_option_becomes(self):
+        # argv -> (server settings that differ from DEFAULTS, command app settings that
+        # differ from COMMAND_DEFAULTS); a command's --max-body (1M) bounds the request body
+        for argv, server, app in [
+                ((), {}, {}),
+                (("--keep-alive", "0"), {"keep_alive": 0.0}, {}),
+                (("--group", "www-data"), {"group": "www-data", "mode": 0o660}, {}),
+                (("--mode", "640", "--group", "1"), {"group": "1", "mode": 0o640}, {}),
+                (("--threads", "3", "--max-body", "64K"), {"threads": 3, "max_request_body": 65536},
+                 {"max_procs": 3, "max_body": 65536}),
+                (("--pass-env", "A,B", "--pass-env", "C"), {}, {"pass_env": ["A", "B", "C"]}),
+                (("--workers", "1", "--max-requests", "100", "--max-requests-jitter", "10"),
+                 {"max_requests": 100, "max_requests_jitter": 10}, {}),
+                (("--max-worker-memory", "500M", "--workers", "2"),
+                 {"workers": 2, "max_worker_memory": 500 << 20}, {}),
+                (("--allow-uid", "0,www-data", "--script-name", "/app"),
+                 {"allow_uids": ["0", "www-data"], "script_name": "/app"}, {})]:
+            with self.subTest(argv=argv):
+                _, _, got, got_app = self.parse(*argv)
+                self.assertEqual(got, {**wsgi_unix.DEFAULTS, "max_request_body": 1 << 20, **server})
+                self.assertEqual(got_app, {**wsgi_unix.COMMAND_DEFAULTS, "pass_env": [], **app})
+
+    def test_bad_values_and_combinations_are_one_usage_line(self):
+        for argv, fragment in [
+                (("--threads", "0"), "'0' is not a number from 1 up"),
+                (("--timeout", "nan"), "'nan' is not a positive number"),
+                (("--max-spool", "lots"), "'lots' is not a size like 65536, 64K or 16M"),
+                (("--mode", "999"), "not an octal mode"),
+                (("--script-name", "app/"), "should look like /prefix"),
+                (("--methods", "GET,P OST"), "not a list like GET,HEAD,POST"),
+                (("--forwarded-allow-ips", "10.0.0.0/8", "--proxy-headers"), "not an IP address"),
+                (("--request-timeout", "5"), "needs --workers N"),
+                (("--app", "x:y", "--cgi"), "--cgi is for the command app"),
+                (("--forwarded-allow-ips", "10.0.0.1"), "goes with --proxy-headers")]:
+            with self.subTest(argv=argv):
+                said = self.refused(*argv)
+                self.assertIn(fragment, said)
+                self.assertEqual(said.count("\n"), 1, said)
+
+
+class FaultTests(ServerTestCase):
+    """A log that cannot be written (a dead log pipe, a full disk) costs no request and no
+    thread: the line is dropped and counted; a full spool disk is a 503."""
+
+    def small_tmpfs(self):
+        spool = os.path.join(self.dir, "spool")
+        os.mkdir(spool)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", spool],
+                                 stderr=subprocess.DEVNULL).returncode == 0
+        if not mounted:
+            if os.environ.get("CI"):
+                self.fail("cannot mount a tmpfs (CI runs as root)")
+            self.skipTest("mounting a tmpfs needs root")
+        self.addCleanup(subprocess.run, ["umount", "-l", spool])
+        return spool
+
+    def start_logging_to(self, stderr, *args):
+        proc = subprocess.Popen([sys.executable, SERVER, *args, "--app", "testapp:app", self.sock],
+                                cwd=self.dir, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.addCleanup(proc.wait)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def assert_still_serves(self, proc, threads):
+        # Requests that log (the access log, a refusal, an app's traceback), more of each than
+        # there are threads: the old server lost a thread to each line it could not write.
+        for _ in range(3 * threads):
+            self.assertEqual(get(self.sock, timeout=5)[0], 200)
+            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n", timeout=5)), 400)
+            self.assertEqual(get(self.sock, "/error", timeout=5)[0], 500)
+        self.assertEqual(process_threads(proc.pid), threads + 1)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(DEADLINE), 0)
+
+    def test_a_dead_log_pipe(self):
+        reader, writer = os.pipe()
+        proc = self.start_logging_to(writer, "--threads", "2")
+        os.close(writer)
+        with os.fdopen(reader, "rb") as log:
+            self.assertIn(b"serving on", log.readline())
+        # The reader is gone (a log shipper that died): every write now fails with EPIPE.
+        self.assert_still_serves(proc, 2)
+
+    def test_a_full_disk(self):
+        with open("/dev/full", "w") as full:  # every write: ENOSPC
+            proc = self.start_logging_to(full, "--threads", "2")
+        wait_for(lambda: connectable(self.sock), "the server to listen")
+        self.assert_still_serves(proc, 2)
+
+    def test_a_spool_disk_that_fills_mid_body_gets_503_and_frees_everything(self):
+        spool = self.small_tmpfs()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
+        server = self.start_app("--threads", "2", "--timeout", "3", "--keep-alive", "3",
+                                self.sock, env=env)
+        pid = server.proc.pid
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+        answers = []
+
+        def upload():  # in 3,000-byte writes, as a slow client or nginx's buffers send it
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes("/count", "POST", ["Content-Length: 900000"]))
+                try:
+                    for _ in range(300):
+                        sock.sendall(b"x" * 3000)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # it answered, and stopped reading
+                answers.append(Responses(sock).next()[1])
+        run_together(upload, 4)  # the four fill the disk, each with a piece in its last write
+        self.assertIn(503, answers)
+        self.assertEqual(set(answers) - {200, 503}, set())
+        self.assertEqual(get(self.sock)[0], 200)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "every slot freed")
+        self.assertEqual(os.statvfs(spool).f_bfree, os.statvfs(spool).f_blocks)  # files gone
+        self.assertEqual(server.log().count("Traceback"), 0, server.log())
+        # The timeouts of the others still run: a silent client gets its 408.
+        with connect(self.sock) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            self.assertEqual(Responses(sock).next()[1], 408)
+
+    def test_a_body_whose_last_piece_meets_a_full_disk_gets_503(self):
+        # The spool file was buffered: a last piece that fit in its buffer was written when the
+        # body was complete, outside the error path; the connection was left unanswered and
+        # its slot taken for good.
+        spool = self.small_tmpfs()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
+        server = self.start_app("--threads", "2", "--max-spool", "1M", self.sock, env=env)
+        pid = server.proc.pid
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 605000"]))
+            sock.sendall(b"x" * 600000)  # spooled: over 512 KiB
+            wait_for(lambda: os.statvfs(spool).f_bfree < os.statvfs(spool).f_blocks - 100,
+                     "the body to be spooled")
+            with open(os.path.join(spool, "filler"), "wb", buffering=0) as filler:
+                with contextlib.suppress(OSError):  # the disk fills
+                    while True:
+                        filler.write(b"f" * 4096)
+            sock.sendall(b"x" * 5000)  # the last piece: new pages, less than a buffer
+            self.assertEqual(Responses(sock).next()[1], 503)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "the slot freed")
+        os.unlink(os.path.join(spool, "filler"))
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertEqual(server.log().count("Traceback"), 0, server.log())
+
+    def test_spooled_bodies_have_a_budget_that_is_given_back(self):
+        # 8 clients holding 9.4 MB each kept a 64 MiB temporary directory full.
+        self.start_app("--max-spool", "1M", self.sock)
+        holder = connect(self.sock)
+        holder.sendall(request_bytes("/count", "POST", ["Content-Length: 2000000"]))
+        holder.sendall(b"h" * 800000)  # spooled: 800,000 of the budget's 1,048,576
+        body = b"b" * 600000
+        wait_for(lambda: get(self.sock, "/count", "POST", body)[0] == 503, "the budget to be full")
+        holder.close()  # its bytes go back
+        wait_for(lambda: get(self.sock, "/count", "POST", body)[0] == 200, "the budget to be free")
+        for _ in range(3):  # and each finished body gives back what it took (just after its
+            # response went out: the next may come a moment too early)
+            wait_for(lambda: get(self.sock, "/count", "POST", body)[::2] == (200, b"600000"),
+                     "the budget to be given back")
+
+    def test_lines_that_could_not_be_written_are_counted_and_said_once(self):
+        class Flaky(io.StringIO):
+            failures = 3
+
+            def write(self, text):
+                if self.failures:
+                    self.failures -= 1
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().write(text)
+        stream = Flaky()
+        for number in range(5):
+            wsgi_unix._log_write(stream, f"line {number}\n")  # never raises
+        self.assertEqual(stream.getvalue().splitlines(), [
+            "wsgi_unix: 3 log line(s) could not be written (No space left on device) and were "
+            "dropped", "line 3", "line 4"])
+
+
+# --- §2 Addresses and the socket file -----------------------------------------------------
 
 class AddressTests(unittest.TestCase):
     def test_address_forms_are_parsed_as_documented(self):
@@ -665,8 +1223,6 @@ class CommandLineAddressTests(ServerTestCase):
         self.assertIn("anyone", warning)
         self.assertEqual(get("\0" + name[1:])[0], 200)
 
-
-# --- The socket file ----------------------------------------------------------------------
 
 class SocketFileTests(ServerTestCase):
     def test_stale_socket_is_removed_and_replaced(self):
@@ -959,1043 +1515,6 @@ class SocketFileTests(ServerTestCase):
         self.assertOneLineError([path], 1, "longer than the 107")
 
 
-# --- The server and its handler -----------------------------------------------------------
-
-class RequestTests(ServerTestCase):
-    def environ(self, headers=None, url="/env"):
-        status, _, body = get(self.sock, url, headers=headers)
-        self.assertEqual(status, 200)
-        return json.loads(body)
-
-    def test_unix_peer_has_empty_remote_addr_and_dash_in_log(self):
-        server = self.start_app()
-        environ = self.environ()
-        self.assertEqual(environ["REMOTE_ADDR"], "")
-        self.assertEqual(environ["SERVER_NAME"], "localhost")
-        self.assertEqual(environ["SERVER_PORT"], "80")
-        self.assertTrue(environ["SERVER_PORT"].isdigit())
-        self.assertTrue(server.wait_line('"GET /env HTTP/1.1" 200').startswith("- - - ["))
-
-    def test_nothing_from_the_process_environment_reaches_the_app(self):
-        env = {"PATH": os.environ["PATH"], "SECRET": "hunter2-secret", "HTTPS": "on",
-               "HTTP_X_FOO": "injected", "REMOTE_USER": "root", "SCRIPT_NAME": "/evil"}
-        self.start_app(env=env)
-        environ = self.environ()
-        text = json.dumps(environ)
-        for leaked in ("hunter2-secret", "injected", "HTTP_X_FOO", "REMOTE_USER", "SECRET", "/evil"):
-            self.assertNotIn(leaked, text)
-        self.assertNotIn("PATH", environ)
-        self.assertEqual(environ["wsgi.url_scheme"], "http")
-        self.assertEqual(environ["SCRIPT_NAME"], "")
-
-    def test_header_names_with_underscores_are_dropped(self):
-        self.start_app()
-        environ = self.environ({"X_Auth_User": "mallory"})
-        self.assertNotIn("HTTP_X_AUTH_USER", environ)
-        environ = self.environ({"X-Auth-User": "alice", "X_Auth_User": "mallory"})
-        self.assertEqual(environ["HTTP_X_AUTH_USER"], "alice")
-
-    def test_request_keys_are_as_in_cgi(self):
-        self.start_app()
-        environ = self.environ({"Content-Type": "text/x-test"}, url="/env/%41?q=1&r=%41")
-        self.assertEqual(environ["PATH_INFO"], "/env/A")
-        self.assertEqual(environ["QUERY_STRING"], "q=1&r=%41")
-        self.assertEqual(environ["CONTENT_TYPE"], "text/x-test")
-        self.assertEqual(environ["REQUEST_METHOD"], "GET")
-        self.assertEqual(environ["SERVER_PROTOCOL"], "HTTP/1.1")
-        self.assertIs(environ["wsgi.multithread"], True)
-
-    def test_http_0_9_request_gets_a_status_line_not_a_bare_body(self):
-        self.start_app()
-        answer = raw_request(self.sock, b"GET /\r\n\r\n")
-        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
-
-    def test_requests_are_served_concurrently_by_the_threads(self):
-        self.start_app("--threads", "4", self.sock)
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(get(self.sock, "/barrier?4")[0]))
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(DEADLINE)
-        self.assertEqual(results, [200] * 4)  # the barrier lets none through until all 4 arrive
-
-    def test_listen_backlog_is_large(self):
-        # One thread, busy: connections queue in the backlog.  wsgiref's 5 would refuse most.
-        server = self.start_app("--threads", "1", self.sock)
-        busy = unix_connection(self.sock)
-        busy.request("GET", "/forever")
-        server.wait_line("app: /forever started")
-        clients = []
-        try:
-            for _ in range(200):
-                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                client.setblocking(False)
-                clients.append(client)
-                client.connect(self.sock)  # raises BlockingIOError when the backlog is full
-        finally:
-            for client in clients:
-                client.close()
-            busy.close()
-
-    def test_no_dns_lookup_at_start_up_or_per_request(self):
-        calls = []
-        saved = {name: getattr(socket, name) for name in
-                 ("getfqdn", "gethostbyaddr", "gethostbyname", "gethostbyname_ex", "getnameinfo")}
-
-        def spy(name):
-            def called(*args, **kwargs):
-                calls.append(name)
-                return saved[name](*args, **kwargs)
-            return called
-        for name in saved:
-            setattr(socket, name, spy(name))
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(log):  # the access log, which must not look up either
-                for address in (self.sock, "127.0.0.1:0"):
-                    with wsgi_unix.make_server(address, lambda e, s: (s("200 OK", []), [b"x"])[1],
-                                               access_log=True) as server:
-                        thread = threading.Thread(target=server.serve_forever)
-                        thread.start()
-                        target = (server.server_address if server.address_family != socket.AF_UNIX
-                                  else self.sock)
-                        answer = raw_request(target, b"GET / HTTP/1.0\r\n\r\n")
-                        self.assertEqual(status_of(answer), 200)
-                        server.shutdown()
-                        thread.join(DEADLINE)
-        finally:
-            for name, function in saved.items():
-                setattr(socket, name, function)
-        self.assertEqual(calls, [])
-        self.assertEqual(log.getvalue().count('"GET / HTTP/1.0" 200 1'), 2)
-
-
-class ShutdownTests(ServerTestCase):
-    def test_sigterm_refuses_new_connections_and_lets_requests_finish(self):
-        server = self.start_app()
-        slow = unix_connection(self.sock)
-        slow.request("GET", "/slow?1")
-        server.wait_line("app: /slow started")
-        server.signal(signal.SIGTERM)
-        wait_for(lambda: not connectable(self.sock), "new connections to be refused")
-        response = slow.getresponse()
-        self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
-        self.assertEqual(server.wait(), 0)
-        self.assertFalse(os.path.lexists(self.sock))
-
-    def test_graceful_timeout_ends_a_request_that_never_finishes(self):
-        server = self.start_app("--graceful-timeout", "1", self.sock)
-        stuck = unix_connection(self.sock)
-        stuck.request("GET", "/forever")
-        server.wait_line("app: /forever started")
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertFalse(os.path.lexists(self.sock))
-        stuck.close()
-
-    def test_sighup_and_sigquit_stop_gracefully_and_remove_the_socket_file(self):
-        for signum in (signal.SIGHUP, signal.SIGQUIT):
-            server = self.start_app()
-            slow = unix_connection(self.sock)
-            slow.request("GET", "/slow?0.3")
-            server.wait_line("app: /slow started")
-            server.signal(signum)
-            response = slow.getresponse()
-            self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
-            self.assertEqual(server.wait(), 0, signum)
-            self.assertFalse(os.path.lexists(self.sock), signum)
-            # It says so, naming the signal; SIGHUP did not stop one process silently.
-            line = server.wait_line(f"{signal.Signals(signum).name}: stopping gracefully")
-            self.assertEqual("does not reload" in line, signum == signal.SIGHUP)
-
-    def test_sigusr2_is_ignored_with_a_line_and_sigusr1_has_no_file_to_reopen(self):
-        server = self.start_app()
-        server.signal(signal.SIGUSR2)
-        server.wait_line("SIGUSR2 means nothing here")
-        server.signal(signal.SIGUSR1)
-        server.wait_line("SIGUSR1: no --access-log file to reopen")
-        self.assertEqual(get(self.sock)[0], 200)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertFalse(os.path.lexists(self.sock))
-
-    def test_a_burst_of_ignored_signals_while_it_logs_changes_nothing(self):
-        # A handler that wrote through sys.stderr while the thread it interrupted was in a
-        # write there raised "reentrant call": serve_forever() ended, and the next SIGUSR1
-        # killed the process (SIGUSR1 then; it reopens the log now).
-        server = self.start_app()
-        with steady_load(lambda: get(self.sock)[0]) as (done, errors):
-            for _ in range(300):
-                server.signal(signal.SIGUSR2)
-                time.sleep(0.002)  # a signal at a time, each while requests are logged
-        self.assertEqual(get(self.sock)[0], 200)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertEqual(errors, [])
-        self.assertNotIn("Traceback", server.log())
-
-    def test_sigusr1_reopens_the_access_log_after_logrotate_moved_it(self):
-        # Lines went on into the moved file, and SIGUSR1 said "means nothing here".
-        log = os.path.join(self.dir, "access.log")
-        for workers in ("1", "2"):
-            with self.subTest(workers=workers):
-                server = self.start_app("--workers", workers, "--access-log", log, self.sock)
-                self.assertEqual(get(self.sock, "/before")[0], 404)
-                wait_for(lambda: os.path.exists(log) and "/before" in read_text(log),
-                         "the first line")
-                os.rename(log, log + ".1")  # what logrotate does
-                server.signal(signal.SIGUSR1)
-                server.wait_line(f"SIGUSR1: reopened {log}")
-                if workers == "2":  # each worker reopens its own, after the master
-                    wait_for(lambda: server.log().count(f"SIGUSR1: reopened {log}") == 3,
-                             "both workers to reopen it")
-                for _ in range(10):
-                    self.assertEqual(get(self.sock, "/after")[0], 404)
-                server.signal(signal.SIGTERM)
-                self.assertEqual(server.wait(), 0)
-                with open(log) as f:
-                    self.assertEqual(f.read().count('"GET /after HTTP/1.1" 404'), 10)
-                with open(log + ".1") as f:
-                    self.assertNotIn("/after", f.read())
-                os.unlink(log)
-                os.unlink(log + ".1")
-
-    def test_a_second_sigterm_stops_at_once_with_status_1(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            server = self.start_app("--graceful-timeout", "30", self.sock)
-            stuck = unix_connection(self.sock)
-            stuck.request("GET", "/forever")
-            server.wait_line("app: /forever started")
-            server.signal(signum)
-            wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
-            started = time.monotonic()
-            server.signal(signum)
-            self.assertEqual(server.wait(), 1)
-            self.assertLess(time.monotonic() - started, 5.0)  # not the 30 s grace
-            self.assertIn("stopped at once by a second signal", server.log())
-            self.assertNotIn("Traceback", server.log())
-            stuck.close()
-
-    def test_readiness_line_names_the_resolved_address(self):
-        os.symlink(self.dir, os.path.join(self.dir, "here"))
-        server = self.start("--app", "testapp:app", "app.sock")
-        # Who may connect, too: nginx as www-data gets 502 from a 600 socket of root's.
-        self.assertEqual(server.wait_ready(), f"wsgi_unix: serving on unix:{self.sock}"
-                                              f"{MODE_600_OURS}")
-
-
-
-# --- Hostile input, slow clients, faults and load -----------------------------------------
-
-def request_bytes(path="/", method="GET", headers=(), body=b"", close=True):
-    """An HTTP/1.1 request; with ``close``, one that asks the server to close after it."""
-    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"] + list(headers)
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def split_response(answer):
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return status_of(answer), head.decode("latin-1"), body
-
-
-def process_rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
-
-def process_threads(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-
-
-def process_cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def open_idle(path, count):
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        sockets.append(sock)
-    return sockets
-
-
-class MalformedRequestTests(ServerTestCase):
-    CASES = [
-        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
-        (request_bytes(headers=[f"X-H{i}: {i}" for i in range(101)]), 431),
-        (request_bytes(headers=["X-Big: " + "b" * 70000]), 431),
-        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
-        (b"GET /a\x00b HTTP/1.1\r\n\r\n", 400),
-        (b"GET /\x1b[31m HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nX\x01Y: z\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n", 400),
-        (b"GET / \r\n\r\n", 400),
-        (b"GET /\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),  # RFC 9112 3.2: one Host
-        (b"GET / FTP/1.1\r\n\r\n", 400),
-        (b"G(T / HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/2.0\r\n\r\n", 505),
-        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
-        (request_bytes("/echo", "POST", ["Content-Length: -1"]), 400),
-        (request_bytes("/echo", "POST", ["Content-Length: abc"]), 400),
-        (request_bytes("/echo", "POST", ["Content-Length: 5", "Content-Length: 6"], b"hello!"), 400),
-        (request_bytes("/echo", "POST", ["Content-Length: 5", "Transfer-Encoding: chunked"],
-                       b"5\r\nhello\r\n0\r\n\r\n"), 400),
-        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip"]), 501),
-        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip, chunked"]), 501),
-        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"zz\r\nhello\r\n0\r\n\r\n"),
-         400),
-        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"3\r\nhello\r\n0\r\n\r\n"),
-         400),
-    ]
-
-    def test_each_malformed_request_gets_its_status_and_the_next_is_served(self):
-        server = self.start_app()
-        for data, expected in self.CASES:
-            answer = raw_request(self.sock, data)
-            self.assertEqual(status_of(answer), expected, data[:60])
-            self.assertEqual(get(self.sock)[0], 200)
-        self.assertNotIn("Traceback", server.log())
-
-    def test_refusals_in_a_loop_are_logged_a_few_a_second(self):
-        # A refused client reconnecting in a loop wrote 100,092 lines (7 MB) in 16 s.
-        server = self.start_app("--quiet", self.sock)
-        for _ in range(300):
-            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n")), 400)
-
-        def summary():
-            raw_request(self.sock, b"NONSENSE\r\n\r\n")
-            return "more refusals were not logged" in server.log()
-        wait_for(summary, "the line that counts the rest")
-        refusals = [line for line in server.log().splitlines() if '"NONSENSE" 400' in line]
-        self.assertLess(len(refusals), 100)
-        counted = sum(int(line.split(": ")[1].split()[0]) for line in server.log().splitlines()
-                      if "more refusals were not logged" in line)
-        self.assertGreaterEqual(len(refusals) + counted, 300)
-
-    def test_a_client_that_hangs_up_before_its_error_answer_costs_one_line_not_a_traceback(self):
-        server = self.start_app()
-        for data, _ in self.CASES * 3:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(self.sock)
-                sock.sendall(data)  # and goes, before the answer can be sent
-        self.assertEqual(get(self.sock)[0], 200)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertNotIn("Traceback", server.log())
-        self.assertIn("client went away", server.log())
-
-    def test_tcp_clients_that_reset_their_connection_cost_no_traceback(self):
-        server = self.start_app("127.0.0.1:0")
-        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
-        for data in [b"", b"GET / HTTP/1.0\r\n", b"GET / HTTP/1.0\r\n\r\n"] * 30:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.connect(target)
-                sock.sendall(data)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # closed with SO_LINGER 0: a reset, not a FIN
-        self.assertEqual(status_of(raw_request(target, request_bytes())), 200)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertNotIn("Traceback", server.log())
-
-    def test_chunked_body_is_decoded_and_input_is_terminated(self):
-        self.start_app()
-        chunks = b"6;ext=1\r\nhello\n\r\nB\r\nworld, more\r\n0\r\nTrailer: x\r\n\r\n"
-        answer = raw_request(self.sock, request_bytes("/input", "POST",
-                                                      ["Transfer-Encoding: chunked"], chunks))
-        status, _, body = split_response(answer)
-        self.assertEqual(status, 200)
-        self.assertEqual(json.loads(body), {"first": "hello\n", "rest": "world, more",
-                                            "terminated": True, "after": ""})
-
-    def test_a_huge_chunk_is_streamed_not_buffered(self):
-        server = self.start_app()
-        size = 64 * 1024 * 1024
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEADLINE)
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/count", "POST", ["Transfer-Encoding: chunked"],
-                                       b"%x\r\n" % size))
-            block = b"x" * (1024 * 1024)
-            for _ in range(size // len(block)):
-                sock.sendall(block)
-            sock.sendall(b"\r\n0\r\n\r\n")
-            answer = b""
-            while not answer.endswith(b"%d" % size):
-                data = sock.recv(65536)
-                if not data:
-                    break
-                answer += data
-        self.assertEqual(split_response(answer)[0::2], (200, b"%d" % size))
-        with open(f"/proc/{server.proc.pid}/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        self.assertLess(peak / 1024, 48)  # MiB, far below the 64 MiB chunk
-
-    def test_wsgi_input_never_reads_past_the_body(self):
-        self.start_app()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)  # far below the server's 30 s: a read past the body would hang
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/input", "POST", ["Content-Length: 9"], b"ab\ncdefgh"))
-            sock.sendall(b"NEXT REQUEST")  # and the connection stays open
-            answer = b""
-            while b"}" not in answer:
-                answer += sock.recv(65536)
-        body = json.loads(split_response(answer)[2])
-        self.assertEqual((body["first"], body["rest"], body["after"]), ("ab\n", "cdefgh", ""))
-
-    def test_expect_100_continue_is_answered_when_the_body_is_read(self):
-        self.start_app()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEADLINE)
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/echo", "POST", ["Content-Length: 5",
-                                                          "Expect: 100-continue"]))
-            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
-            sock.sendall(b"hello")
-            answer = sock.recv(65536)
-        self.assertEqual(split_response(answer)[0::2], (200, b"hello"))
-
-    def test_head_gets_the_get_headers_and_no_body(self):
-        self.start_app()
-        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
-        status, head, body = split_response(answer)
-        self.assertEqual((status, body), (200, b""))
-        self.assertIn("Content-Length: 6", head)
-
-    def test_log_escapes_unicode_line_separators_in_a_request(self):
-        # U+2028 sent as UTF-8 reaches us as latin-1 text with \x80 in it: escaped, so that a
-        # reader that decodes the log as UTF-8 never sees a line separator.
-        server = self.start_app()
-        raw_request(self.sock, request_bytes("/a\u2028b".encode().decode("latin-1")))
-        line = server.wait_line('" 404')
-        self.assertIn("\\x80", line)
-        self.assertNotIn("\u2028", server.log())
-
-    def test_log_escapes_control_characters(self):
-        server = self.start_app()
-        raw_request(self.sock, b"GET /\x1b[2J\rfake HTTP/1.1\r\n\r\n")
-        line = server.wait_line('" 400')
-        self.assertIn("\\x1b[2J\\x0dfake", line)
-        self.assertNotIn("\x1b", server.log())
-
-    def test_fuzzed_requests_get_well_formed_answers_and_the_server_lives(self):
-        import random
-        import re
-        count = int(os.environ.get("WSGI_UNIX_FUZZ", "10000"))
-        server = self.start_app("--quiet", "--timeout", "2", self.sock)
-        rng = random.Random(20261126)
-        seeds = [request_bytes("/"), request_bytes("/env?x=1", headers=["Cookie: a=b"]),
-                 request_bytes("/echo", "POST", ["Content-Length: 5"], b"hello"),
-                 request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n"),
-                 request_bytes("/", "HEAD"), b"GET / HTTP/1.0\r\n\r\n"]
-        alphabet = b"\x00\r\n :;,\t\x7f\xff-_/?%0123456789aAzZ"
-
-        def mutate(data):
-            data = bytearray(data)
-            for _ in range(rng.randint(1, 6)):
-                at = rng.randrange(len(data) + 1)
-                kind = rng.random()
-                if kind < 0.3 and data:
-                    data[min(at, len(data) - 1)] = rng.choice(alphabet)
-                elif kind < 0.5:
-                    data[at:at] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
-                elif kind < 0.7:
-                    del data[at:at + rng.randint(1, 8)]
-                elif kind < 0.8:
-                    data[at:at] = rng.choice(seeds)[:rng.randint(0, 40)]
-                else:
-                    data = data[:at] + b"\r\n\r\n"
-            return bytes(data)
-        cases = [mutate(rng.choice(seeds)) if i % 10 else bytes(rng.randrange(256) for _ in
-                 range(rng.randint(1, 200))) + b"\r\n\r\n" for i in range(count)]
-        response = re.compile(rb"HTTP/1\.[01] [1-5]\d\d [^\r\n]*\r\n(?:[!-9;-~]+: [^\r\n]*\r\n)*\r\n",
-                              re.S)
-        bad = []
-
-        def one(data):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(DEADLINE)
-                sock.connect(self.sock)
-                try:
-                    sock.sendall(data)
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # the server answered and closed before all was sent
-                answer = b""
-                try:
-                    while True:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            break
-                        answer += chunk
-                except ConnectionResetError:
-                    pass
-            if not answer:
-                return  # a clean close is a valid answer to an incomplete request
-            match = response.match(answer)
-            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer[:match.end()] if match
-                               else b"")
-            end = match.end() + int(length.group(1)) if length else len(answer)
-            # Exactly the body the head announced, then nothing, or the answer to a request
-            # that the mutation made follow the first (pipelined).
-            if (not match or (length and not data.startswith(b"HEAD") and (
-                    len(answer) < end or (len(answer) > end and not response.match(answer, end))))):
-                bad.append((data, answer[:200]))
-
-        def worker(part):
-            for data in part:
-                one(data)
-        workers = [threading.Thread(target=worker, args=(cases[i::4],)) for i in range(4)]
-        for thread in workers:
-            thread.start()
-        for thread in workers:
-            thread.join(120)
-        self.assertEqual(bad[:5], [])
-        self.assertIsNone(server.proc.poll())
-        self.assertEqual(get(self.sock)[0], 200)
-        self.assertNotIn("Traceback", server.log())
-
-
-class SlowClientTests(ServerTestCase):
-    def test_silent_and_trickling_clients_do_not_delay_a_normal_request(self):
-        self.start_app()
-        silent = open_idle(self.sock, 100)
-        tricklers = open_idle(self.sock, 10)
-        stop, sent = threading.Event(), []
-
-        def trickle():
-            data = request_bytes("/")
-            for i in range(len(data) - 1):
-                if stop.wait(0.05):
-                    return
-                for sock in tricklers:
-                    sock.send(data[i:i + 1])
-                sent.append(i)
-        thread = threading.Thread(target=trickle)
-        thread.start()
-        try:
-            wait_for(lambda: len(sent) >= 3, "the tricklers to be under way")
-            started = time.monotonic()
-            self.assertEqual(get(self.sock)[0], 200)
-            took = time.monotonic() - started
-            print(f"\n    a normal request beside 100 silent and 10 trickling clients: "
-                  f"{took * 1000:.1f} ms", file=sys.stderr)
-            self.assertLess(took, 1.0)
-        finally:
-            stop.set()
-            thread.join()
-            for sock in silent + tricklers:
-                sock.close()
-
-    def test_a_request_that_does_not_arrive_in_time_gets_408(self):
-        server = self.start_app("--timeout", "1", self.sock)
-        for partial in (b"", b"GET / HT", request_bytes("/echo", "POST", ["Content-Length: 10"],
-                                                        b"12345")):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(DEADLINE)
-                sock.connect(self.sock)
-                sock.sendall(partial)
-                started = time.monotonic()
-                answer = sock.recv(65536)
-                self.assertEqual(status_of(answer), 408, partial)
-                self.assertLess(time.monotonic() - started, 3.5)
-                self.assertEqual(sock.recv(100), b"")  # and closed
-        self.assertEqual(get(self.sock)[0], 200)
-        self.assertNotIn("Traceback", server.log())
-        server.wait_line("did not arrive in time")
-
-    def trickle(self, sock, send=b"", chunk=100, pause=0.05):
-        """Send ``send``, or else read, ``chunk`` bytes per ``pause`` seconds; return what was
-        read once the server closes (or fail at the deadline)."""
-        received, end = b"", time.monotonic() + DEADLINE
-        for start in range(0, len(send), chunk):
-            try:
-                sock.sendall(send[start:start + chunk])
-            except OSError:
-                break  # answered and closed
-            time.sleep(pause)
-            self.assertLess(time.monotonic(), end, "still taking a trickled body")
-        while True:
-            data = sock.recv(chunk)
-            if not data:
-                return received
-            received += data
-            time.sleep(0 if send else pause)
-            self.assertLess(time.monotonic(), end, "still reading")
-
-    def test_a_body_trickled_a_few_bytes_at_a_time_gets_408(self):
-        # Each piece comes well within --timeout, but 64 KiB must come per --timeout.
-        server = self.start_app("--timeout", "1", self.sock)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEADLINE)
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 1000000"]))
-            answer = self.trickle(sock, send=b"x" * 1000000)
-        self.assertEqual(status_of(answer), 408)
-        server.wait_line("did not arrive in time")
-
-    def test_a_client_that_reads_a_few_bytes_at_a_time_is_cut_off(self):
-        server = self.start_app("--timeout", "1", self.sock)
-        big_file = os.path.join(self.dir, "big")
-        with open(big_file, "wb") as f:
-            f.write(b"f" * 8000000)
-        for count, url in enumerate(("/big?8000000", f"/file?{big_file}"), 1):  # and sendfile()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(DEADLINE)
-                sock.connect(self.sock)
-                sock.sendall(request_bytes(url))
-                # What the socket buffers hold still comes after the server gives up.
-                end = time.monotonic() + DEADLINE
-                while server.log().count("client stopped reading") < count:
-                    self.assertTrue(sock.recv(100), url)
-                    time.sleep(0.05)
-                    self.assertLess(time.monotonic(), end, f"still serving {url} to a trickler")
-        self.assertNotIn("Traceback", server.log())
-
-    def test_a_slow_but_steady_client_is_served_in_full(self):
-        self.start_app("--timeout", "1", self.sock)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # ~256 KiB/s each way
-            sock.settimeout(DEADLINE)
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 600000"]))
-            answer = self.trickle(sock, send=b"x" * 600000, chunk=16384, pause=0.0625)
-        self.assertEqual(split_response(answer)[::2], (200, b"600000"))
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEADLINE)
-            sock.connect(self.sock)
-            sock.sendall(request_bytes("/big?655360"))
-            answer = self.trickle(sock, chunk=16384, pause=0.0625)
-        self.assertEqual(len(split_response(answer)[2]), 655360)
-
-    def test_a_thousand_idle_connections_stay_cheap_and_the_server_serves(self):
-        server = self.start_app()
-        idle = open_idle(self.sock, 1000)
-        try:
-            self.assertEqual(get(self.sock)[0], 200)
-            rss_mib = process_rss_kb(server.proc.pid) / 1024
-            self.assertLess(rss_mib, 150)
-            print(f"\n    RSS with 1,000 idle connections: {rss_mib:.1f} MiB", file=sys.stderr)
-        finally:
-            for sock in idle:
-                sock.close()
-
-
-class ApplicationFaultTests(ServerTestCase):
-    def test_app_error_before_start_response_gives_a_generic_500(self):
-        server = self.start_app()
-        status, _, body = get(self.sock, "/error")
-        self.assertEqual(status, 500)
-        self.assertNotIn(b"boom", body)
-        server.wait_line("RuntimeError: boom")
-        self.assertEqual(get(self.sock)[0], 200)
-
-    def test_app_error_after_headers_closes_the_connection_short(self):
-        server = self.start_app()
-        conn = unix_connection(self.sock)
-        self.addCleanup(conn.close)
-        conn.request("GET", "/error-after-headers")
-        response = conn.getresponse()
-        self.assertEqual(response.status, 200)
-        with self.assertRaises(http.client.IncompleteRead):
-            response.read()
-        server.wait_line("RuntimeError: late boom")
-        self.assertEqual(server.log().count("RuntimeError: late boom"), 1)
-
-    def test_malformed_app_results_give_500(self):
-        server = self.start_app()
-        for path in ("/not-iterable", "/bad-status", "/bad-header", "/wide-status"):
-            answer = raw_request(self.sock, request_bytes(path))
-            self.assertEqual(status_of(answer), 500, path)
-            self.assertNotIn(b"Set-Cookie", answer)
-        server.wait_line("malformed response header")
-
-    def test_close_is_called_also_when_the_client_goes_away(self):
-        server = self.start_app("--threads", "1", self.sock)
-        done = os.path.join(self.dir, "closed-1")
-        self.assertEqual(get(self.sock, f"/closing?{done},65536")[0], 200)
-        wait_for(lambda: os.path.exists(done), "close() after a complete response")
-        gone = os.path.join(self.dir, "closed-2")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(self.sock)
-            sock.sendall(request_bytes(f"/closing?{gone},{10 * 1024 * 1024}"))
-            sock.recv(1024)
-        wait_for(lambda: os.path.exists(gone), "close() after the client went away")
-        server.wait_line(f'"GET /closing?{gone},10485760 HTTP/1.1" 499 ')  # nginx's status
-        self.assertEqual(get(self.sock)[0], 200)  # the only thread is free again
-        self.assertNotIn("Traceback", server.log())
-        self.assertNotIn("client went away", server.log())  # an access line, not an error
-        # A client that left before anything went out: 0 bytes sent, as nginx logs it (it
-        # showed the app's body size).
-        with connect(self.sock) as sock:
-            sock.sendall(request_bytes("/slow?0.3"))
-        server.wait_line('"GET /slow?0.3 HTTP/1.1" 499 0 ')
-
-    def test_the_access_log_is_nginx_combined_with_the_duration(self):
-        log = os.path.join(self.dir, "access.log")
-        server = self.start_app("--proxy-headers", "--access-log", log, self.sock)
-        get(self.sock, "/env", headers={"X-Forwarded-For": "203.0.113.9",
-                                        "Referer": "http://ref.example/", "User-Agent": "ua/1.0"})
-        get(self.sock, "/")
-        conn = unix_connection(self.sock)  # the app fails after its head: still a line
-        conn.request("GET", "/error-after-headers")
-        conn.getresponse()
-        conn.close()
-        server.wait_line("RuntimeError: late boom")
-        def read_lines():
-            with open(log) as f:
-                return f.read().splitlines()
-        wait_for(lambda: len(read_lines()) >= 3, "three access-log lines")
-        # In the order the requests were made (threads may write their lines in another).
-        lines = sorted(read_lines(), key=lambda line: ("/env" not in line, "/error" in line))
-        self.assertRegex(lines[0], r'^203\.0\.113\.9 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
-                                   r'"GET /env HTTP/1\.1" 200 \d+ "http://ref\.example/" "ua/1\.0" '
-                                   r'\d+\.\d{3}$')
-        self.assertTrue(lines[1].startswith("- - - ["), lines[1])  # a Unix peer, no proxy headers
-        self.assertIn('"GET /error-after-headers HTTP/1.1" 200 ', lines[2])
-        self.assertNotIn("GET /", server.log())  # the access log went to the file only
-
-    def test_an_access_line_cannot_be_forged_and_stays_under_pipe_buf(self):
-        server = self.start_app(self.sock)
-        agent = 'evil" 200 0 "-" "forged' + "z" * 60000
-        self.assertEqual(get(self.sock, "/", headers={"User-Agent": agent})[0], 200)
-        line = server.wait_line('"GET / HTTP/1.1" 200')
-        self.assertIn('"evil\\x22 200 0 \\x22-\\x22 \\x22forged', line)
-        self.assertEqual(line.count('"'), 6)  # the request line, referer, user agent
-        self.assertLess(len(line.encode()), 4096)
-
-    def test_the_access_log_to_stdout_and_a_quiet_client_that_left(self):
-        proc = subprocess.Popen([sys.executable, SERVER, "--access-log", "-", "--app",
-                                 "testapp:app", self.sock], cwd=self.dir, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        wait_for(lambda: connectable(self.sock), "the server")
-        get(self.sock)
-        self.assertIn('"GET / HTTP/1.1" 200 6 "-" "-" ', proc.stdout.readline())  # line-buffered
-        # With --quiet, a client that leaves costs no line at all (it cost one each, as errors).
-        quiet = os.path.join(self.dir, "quiet.sock")
-        server = self.start_app("--quiet", "--threads", "1", quiet)  # served in turn
-        for _ in range(5):
-            with connect(quiet) as sock:
-                sock.sendall(request_bytes("/big?10000000"))
-                sock.recv(100)
-        self.assertEqual(get(quiet)[0], 200)
-        self.assertEqual(server.log().splitlines(),
-                         [f"wsgi_unix: serving on unix:{quiet}{MODE_600_OURS}"])
-
-    def test_when_every_thread_is_stuck_a_line_says_so(self):
-        server = self.start_app("--threads", "2", "--timeout", "1", self.sock)
-        stuck = [unix_connection(self.sock) for _ in range(2)]
-        for conn in stuck:
-            conn.request("GET", "/forever")
-        line = server.wait_line("threads have been busy")
-        self.assertIn("all 2 threads have been busy for more than 1 s; the oldest request, "
-                      "GET /forever, for ", line)
-        for conn in stuck:
-            conn.close()
-
-    def test_an_app_that_blocks_forever_does_not_block_others(self):
-        server = self.start_app("--threads", "2", self.sock)
-        stuck = unix_connection(self.sock)
-        stuck.request("GET", "/forever")
-        server.wait_line("app: /forever started")
-        self.assertEqual(get(self.sock)[0], 200)
-        stuck.close()
-
-
-class FaultTests(ServerTestCase):
-    """A log that cannot be written (a dead log pipe, a full disk) costs no request and no
-    thread: the line is dropped and counted; a full spool disk is a 503."""
-
-    def small_tmpfs(self):
-        spool = os.path.join(self.dir, "spool")
-        os.mkdir(spool)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", spool],
-                                 stderr=subprocess.DEVNULL).returncode == 0
-        if not mounted:
-            if os.environ.get("CI"):
-                self.fail("cannot mount a tmpfs (CI runs as root)")
-            self.skipTest("mounting a tmpfs needs root")
-        self.addCleanup(subprocess.run, ["umount", "-l", spool])
-        return spool
-
-    def start_logging_to(self, stderr, *args):
-        proc = subprocess.Popen([sys.executable, SERVER, *args, "--app", "testapp:app", self.sock],
-                                cwd=self.dir, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-        self.addCleanup(proc.wait)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        return proc
-
-    def assert_still_serves(self, proc, threads):
-        # Requests that log (the access log, a refusal, an app's traceback), more of each than
-        # there are threads: the old server lost a thread to each line it could not write.
-        for _ in range(3 * threads):
-            self.assertEqual(get(self.sock, timeout=5)[0], 200)
-            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n", timeout=5)), 400)
-            self.assertEqual(get(self.sock, "/error", timeout=5)[0], 500)
-        self.assertEqual(process_threads(proc.pid), threads + 1)
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(DEADLINE), 0)
-
-    def test_a_dead_log_pipe(self):
-        reader, writer = os.pipe()
-        proc = self.start_logging_to(writer, "--threads", "2")
-        os.close(writer)
-        with os.fdopen(reader, "rb") as log:
-            self.assertIn(b"serving on", log.readline())
-        # The reader is gone (a log shipper that died): every write now fails with EPIPE.
-        self.assert_still_serves(proc, 2)
-
-    def test_a_full_disk(self):
-        with open("/dev/full", "w") as full:  # every write: ENOSPC
-            proc = self.start_logging_to(full, "--threads", "2")
-        wait_for(lambda: connectable(self.sock), "the server to listen")
-        self.assert_still_serves(proc, 2)
-
-    def test_a_spool_disk_that_fills_mid_body_gets_503_and_frees_everything(self):
-        spool = self.small_tmpfs()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
-        server = self.start_app("--threads", "2", "--timeout", "3", "--keep-alive", "3",
-                                self.sock, env=env)
-        pid = server.proc.pid
-        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-        answers = []
-
-        def upload():  # in 3,000-byte writes, as a slow client or nginx's buffers send it
-            with connect(self.sock) as sock:
-                sock.sendall(request_bytes("/count", "POST", ["Content-Length: 900000"]))
-                try:
-                    for _ in range(300):
-                        sock.sendall(b"x" * 3000)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # it answered, and stopped reading
-                answers.append(Responses(sock).next()[1])
-        run_together(upload, 4)  # the four fill the disk, each with a piece in its last write
-        self.assertIn(503, answers)
-        self.assertEqual(set(answers) - {200, 503}, set())
-        self.assertEqual(get(self.sock)[0], 200)
-        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "every slot freed")
-        self.assertEqual(os.statvfs(spool).f_bfree, os.statvfs(spool).f_blocks)  # files gone
-        self.assertEqual(server.log().count("Traceback"), 0, server.log())
-        # The timeouts of the others still run: a silent client gets its 408.
-        with connect(self.sock) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\n")
-            self.assertEqual(Responses(sock).next()[1], 408)
-
-    def test_a_body_whose_last_piece_meets_a_full_disk_gets_503(self):
-        # The spool file was buffered: a last piece that fit in its buffer was written when the
-        # body was complete, outside the error path; the connection was left unanswered and
-        # its slot taken for good.
-        spool = self.small_tmpfs()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": spool}
-        server = self.start_app("--threads", "2", "--max-spool", "1M", self.sock, env=env)
-        pid = server.proc.pid
-        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-        with connect(self.sock) as sock:
-            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 605000"]))
-            sock.sendall(b"x" * 600000)  # spooled: over 512 KiB
-            wait_for(lambda: os.statvfs(spool).f_bfree < os.statvfs(spool).f_blocks - 100,
-                     "the body to be spooled")
-            with open(os.path.join(spool, "filler"), "wb", buffering=0) as filler:
-                with contextlib.suppress(OSError):  # the disk fills
-                    while True:
-                        filler.write(b"f" * 4096)
-            sock.sendall(b"x" * 5000)  # the last piece: new pages, less than a buffer
-            self.assertEqual(Responses(sock).next()[1], 503)
-        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == descriptors, "the slot freed")
-        os.unlink(os.path.join(spool, "filler"))
-        self.assertEqual(get(self.sock)[0], 200)
-        self.assertEqual(server.log().count("Traceback"), 0, server.log())
-
-    def test_spooled_bodies_have_a_budget_that_is_given_back(self):
-        # 8 clients holding 9.4 MB each kept a 64 MiB temporary directory full.
-        self.start_app("--max-spool", "1M", self.sock)
-        holder = connect(self.sock)
-        holder.sendall(request_bytes("/count", "POST", ["Content-Length: 2000000"]))
-        holder.sendall(b"h" * 800000)  # spooled: 800,000 of the budget's 1,048,576
-        body = b"b" * 600000
-        wait_for(lambda: get(self.sock, "/count", "POST", body)[0] == 503, "the budget to be full")
-        holder.close()  # its bytes go back
-        wait_for(lambda: get(self.sock, "/count", "POST", body)[0] == 200, "the budget to be free")
-        for _ in range(3):  # and each finished body gives back what it took (just after its
-            # response went out: the next may come a moment too early)
-            wait_for(lambda: get(self.sock, "/count", "POST", body)[::2] == (200, b"600000"),
-                     "the budget to be given back")
-
-    def test_lines_that_could_not_be_written_are_counted_and_said_once(self):
-        class Flaky(io.StringIO):
-            failures = 3
-
-            def write(self, text):
-                if self.failures:
-                    self.failures -= 1
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                return super().write(text)
-        stream = Flaky()
-        for number in range(5):
-            wsgi_unix._log_write(stream, f"line {number}\n")  # never raises
-        self.assertEqual(stream.getvalue().splitlines(), [
-            "wsgi_unix: 3 log line(s) could not be written (No space left on device) and were "
-            "dropped", "line 3", "line 4"])
-
-
-class LoadTests(ServerTestCase):
-    def hammer(self, clients, requests, errors, stop=None):
-        def client():
-            for _ in range(requests):
-                if stop is not None and stop.is_set():
-                    return
-                try:
-                    if status_of(raw_request(self.sock, b"GET / HTTP/1.0\r\n\r\n")) != 200:
-                        errors.append("status")
-                except (OSError, IndexError, ValueError) as exc:
-                    errors.append(repr(exc))
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        return threads
-
-    def test_200_concurrent_clients_get_no_errors(self):
-        self.start_app("--quiet", self.sock)
-        errors = []
-        for thread in self.hammer(200, 50, errors):
-            thread.join(120)
-        self.assertEqual(errors, [])
-
-    def test_descriptor_exhaustion_neither_crashes_nor_spins(self):
-        import resource
-        server = self.start_app("--quiet", self.sock, preexec_fn=lambda: resource.setrlimit(
-            resource.RLIMIT_NOFILE, (64, 64)))
-        idle = []
-        for _ in range(100):  # connect() succeeds into the backlog even when accept() cannot
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(self.sock)
-            idle.append(sock)
-        try:
-            before = process_cpu_seconds(server.proc.pid)
-            time.sleep(1.0)
-            self.assertLess(process_cpu_seconds(server.proc.pid) - before, 0.5)
-            self.assertIsNone(server.proc.poll(), server.log())
-        finally:
-            for sock in idle:
-                sock.close()
-        self.assertEqual(get(self.sock)[0], 200)
-        server.wait_line("--max-connections lowered from 1024 to 16")  # (and EMFILE evicts)
-
-    def test_sigterm_with_every_descriptor_taken_still_removes_the_socket_file(self):
-        import resource
-        # (The backlog cannot drain without descriptors: the stop waits out its grace.)
-        server = self.start_app("--quiet", "--graceful-timeout", "2", self.sock,
-                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
-        idle = open_idle(self.sock, 100)  # 64 descriptors are soon taken
-        try:
-            server.wait_line("every connection slot is taken")
-            server.signal(signal.SIGTERM)
-            self.assertEqual(server.wait(), 0, server.log())  # it exited 1, leaving the file
-        finally:
-            for sock in idle:
-                sock.close()
-        self.assertFalse(os.path.lexists(self.sock))
-        self.assertNotIn("Traceback", server.log())
-
-    def run_as_nobody_with_few_threads(self, *args, threads_allowed):
-        """Start a copy of wsgi_unix.py as nobody, allowed ``threads_allowed`` threads in all
-        (as a container's pids limit would), with its socket in a directory nobody owns."""
-        import resource
-        shutil.copy(SERVER, self.dir)
-        run = os.path.join(self.dir, "run")
-        os.mkdir(run)
-        os.chown(run, 65534, 65534)
-
-        def limited():
-            resource.setrlimit(resource.RLIMIT_NPROC, (threads_allowed, threads_allowed))
-            as_nobody()
-        command = [python_for_nobody(), os.path.join(self.dir, "wsgi_unix.py"), *args,
-                   os.path.join(run, "app.sock")]
-        return os.path.join(run, "app.sock"), command, limited
-
-    def test_too_few_threads_at_start_up_is_a_one_line_error(self):
-        path, command, limited = self.run_as_nobody_with_few_threads(threads_allowed=5)
-        result = subprocess.run(command, cwd=self.dir, preexec_fn=limited, capture_output=True,
-                                text=True, timeout=DEADLINE)
-        lines = result.stderr.splitlines()
-        self.assertEqual(result.returncode, 1, lines)
-        self.assertEqual(len(lines), 1, lines)
-        self.assertIn("cannot start 8 threads", lines[0])
-        self.assertFalse(os.path.lexists(path))
-
-    def test_sigterm_under_load_completes_requests_and_exits_cleanly(self):
-        server = self.start_app("--quiet", self.sock)
-        errors, stop = [], threading.Event()
-        threads = self.hammer(16, 100000, errors, stop)
-        wait_for(lambda: get(self.sock)[0] == 200, "load to be under way")
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        stop.set()
-        for thread in threads:
-            thread.join(DEADLINE)
-        self.assertFalse(os.path.lexists(self.sock))
-        # A client either got its whole answer or could not connect; never a broken one.
-        broken = [e for e in errors if "ConnectionRefused" not in e and "FileNotFound" not in e]
-        self.assertEqual(broken, [], server.log())
-
-    def test_after_sigkill_under_load_the_next_start_serves(self):
-        server = self.start_app("--quiet", self.sock)
-        errors, stop = [], threading.Event()
-        threads = self.hammer(8, 100000, errors, stop)
-        server.signal(signal.SIGKILL)
-        server.wait()
-        stop.set()
-        for thread in threads:
-            thread.join(DEADLINE)
-        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # left behind, stale
-        self.start_app("--quiet", self.sock)
-        self.assertEqual(get(self.sock)[0], 200)
-
-    @unittest.skipUnless(os.environ.get("WSGI_UNIX_SOAK"), "set WSGI_UNIX_SOAK=SECONDS to soak")
-    def test_soak_keeps_memory_descriptors_and_threads_flat(self):
-        seconds = float(os.environ["WSGI_UNIX_SOAK"])
-        server = self.start_app("--quiet", "--threads", "4", self.sock)
-        pid = server.proc.pid
-        self.assertEqual(get(self.sock)[0], 200)
-        idle_threads = wait_for(lambda: process_threads(pid) == 5 and 5, "4 threads and main")
-        idle_fds = len(os.listdir(f"/proc/{pid}/fd"))
-        errors, stop = [], threading.Event()
-        threads = self.hammer(16, 10 ** 9, errors, stop)
-        time.sleep(min(5.0, seconds / 4))
-        warm_rss = process_rss_kb(pid)
-        time.sleep(seconds)
-        end_rss = process_rss_kb(pid)
-        stop.set()
-        for thread in threads:
-            thread.join(DEADLINE)
-        # (The idle counts may include the first request's connection, not yet closed.)
-        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= idle_fds, "descriptors back to idle")
-        wait_for(lambda: process_threads(pid) <= idle_threads, "threads back to idle")
-        print(f"\n    soak {seconds:.0f} s: RSS {warm_rss / 1024:.1f} -> {end_rss / 1024:.1f} MiB, "
-              f"fds {idle_fds}, threads {idle_threads}, errors {len(errors)}", file=sys.stderr)
-        self.assertLess(end_rss, warm_rss * 1.10)
-        self.assertEqual(errors, [])
-
-
 class PeerCredentialTests(ServerTestCase):
     def test_unix_requests_carry_the_peer_credentials(self):
         self.start_app()
@@ -2037,1046 +1556,9 @@ class PeerCredentialTests(ServerTestCase):
         self.assertOneLineError(["--allow-uid", "0", "127.0.0.1:0"], 1, "Unix socket")
 
 
-# --- The command line and the API ---------------------------------------------------------
+# --- §3 HTTP/1.x on bytes -----------------------------------------------------------------
 
-class CommandLineTests(ServerTestCase):
-    def test_default_command_serves_the_date(self):
-        self.start(self.sock)
-        status, response, body = get(self.sock)
-        self.assertEqual(status, 200)
-        self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
-        self.assertIn(b"UTC", body)
-
-    def test_it_also_runs_as_a_module_from_its_directory(self):
-        # python3 -m wsgi_unix: the README's way to start from cached bytecode
-        shutil.copy(SERVER, self.dir)
-        self.start(command=[sys.executable, "-m", "wsgi_unix", "--app", "testapp:app", self.sock])
-        self.assertEqual(get(self.sock)[0], 200)
-
-    def test_command_failure_gives_500(self):
-        self.start(self.sock, "--", "sh", "-c", "echo partial; exit 3")
-        status, _, body = get(self.sock)
-        self.assertEqual(status, 500)
-        self.assertIn(b"status 3", body)
-
-    def test_request_data_never_reaches_a_shell_or_argv(self):
-        self.start(self.sock, "--", "echo", "fixed")
-        status, _, body = get(self.sock, "/$(touch%20pwned);touch%20pwned2?$(touch%20pwned3);x`touch%20pwned4`")
-        self.assertEqual((status, body), (200, b"fixed\n"))
-        self.assertEqual(sorted(os.listdir(self.dir)), ["app.sock", "testapp.py"])
-
-    def test_missing_command_is_found_at_start_up(self):
-        self.assertOneLineError([self.sock, "--", "no-such-command-xyz"], 1, "command not found")
-        self.assertFalse(os.path.lexists(self.sock))
-
-    def test_app_import_error_is_one_line_and_status_1(self):
-        self.assertOneLineError(["--app", "nosuchmodule:app", self.sock], 1, "nosuchmodule")
-        self.assertOneLineError(["--app", "testapp:nothing", self.sock], 1, "testapp:nothing")
-        # A file name, a misspelt name: the right spelling.
-        self.assertOneLineError(["--app", "testapp.py:app", self.sock], 1,
-                                "the module of testapp.py is testapp: --app testapp:app")
-        self.assertOneLineError(["--app", "testapp:ap", self.sock], 1,
-                                "testapp has no ap; did you mean testapp:app?")
-
-    def test_an_app_that_fails_to_import_shows_its_own_traceback(self):
-        with open(os.path.join(self.dir, "broken.py"), "w") as f:
-            f.write("import os\n\nDATABASE = os.environ['DATABASE_URL']\n")
-        code, lines = self.run_cli("--app", "broken:app", self.sock)
-        self.assertEqual(code, 1, lines)
-        text = "\n".join(lines)
-        self.assertIn('broken.py", line 3, in <module>', text)
-        self.assertIn("KeyError: 'DATABASE_URL'", text)
-        self.assertNotIn("wsgi_unix.py", text)  # the app's frames, not ours
-        self.assertEqual(lines[-1], "wsgi_unix: --app broken:app: importing broken failed (its "
-                                    "traceback is above)")
-        self.assertFalse(os.path.lexists(self.sock))
-
-    def test_an_app_factory_is_called_once_with_literal_arguments(self):
-        with open(os.path.join(self.dir, "factory.py"), "w") as f:
-            f.write("calls = []\n"
-                    "def create_app(greeting, punctuation='!'):\n"
-                    "    calls.append(1)\n"
-                    "    def app(environ, start_response):\n"
-                    "        start_response('200 OK', [('Content-Type', 'text/plain')])\n"
-                    "        return [('%s%s %d' % (greeting, punctuation, len(calls))).encode()]\n"
-                    "    return app\n"
-                    "def make():\n"
-                    "    return create_app('made')\n")
-        self.start("--app", "factory:create_app('hello', punctuation='?')", self.sock)
-        self.assertEqual(get(self.sock)[2], b"hello? 1")
-        self.assertEqual(get(self.sock)[2], b"hello? 1")  # once, not per request
-        other = os.path.join(self.dir, "other.sock")
-        self.assertOneLineError(["--app", "factory:make", other], 1,
-                                "is it a factory? write --app 'factory:make()'")
-        self.assertOneLineError(["--app", "factory:create_app(__import__('os'))", other], 1,
-                                "must be literals")
-        self.assertFalse(os.path.lexists(other))
-
-    def test_usage_errors_exit_2_and_help_and_version_exit_0(self):
-        self.assertOneLineError([], 2, "ADDRESS")
-        self.assertOneLineError(["--threads", "0", self.sock], 2, "--threads")
-        self.assertOneLineError(["--workers", "0", self.sock], 2, "--workers")
-        self.assertOneLineError(["--workers", "1.5", self.sock], 2, "--workers")
-        self.assertOneLineError(["--mode", "999", self.sock], 2, "--mode")
-        self.assertOneLineError(["--timeout", "nan", self.sock], 2, "--timeout")
-        self.assertOneLineError(["--graceful-timeout", "inf", self.sock], 2, "--graceful-timeout")
-        self.assertOneLineError(["--group", "4294967296", self.sock], 1, "out of range")
-        self.assertOneLineError(["--allow-uid", "4294967295", self.sock], 1, "out of range")
-        self.assertFalse(os.path.lexists(self.sock))  # refused before the socket was made
-        self.assertOneLineError(["--app", "testapp:app", self.sock, "--", "date"], 2, "not both")
-        result = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True)
-        self.assertEqual(result.returncode, 0)
-        self.assertIn("ADDRESS", result.stdout)
-        result = subprocess.run([sys.executable, SERVER, "--version"], capture_output=True, text=True)
-        self.assertEqual((result.returncode, result.stdout.strip()),
-                         (0, f"wsgi_unix {wsgi_unix.__version__}"))
-
-    def test_addresses_typed_from_habit_get_the_right_spelling(self):
-        for typed, right in (("http://localhost:8000", "write localhost:8000"),
-                             ("https://127.0.0.1:8443/", "write 127.0.0.1:8443"),
-                             ("unix://app.sock", "write unix:app.sock"),
-                             ("8000", "127.0.0.1:8000"), ("localhost", "./localhost")):
-            self.assertOneLineError([typed], 2, right)
-        self.assertEqual([name for name in os.listdir(self.dir) if not name.endswith(".py")], [])
-        # An unknown option is named, not the address after it.
-        line = self.assertOneLineError(["--bind", "2", self.sock], 2, "unknown option --bind")
-        self.assertNotIn(self.sock, line)
-        # gunicorn's habits get the spelling here.
-        for typed, right in ((["-b", "unix:/run/app.sock", "--app", "app:application"],
-                              "the address is the last argument"),
-                             (["-w", "4", self.sock], "say --workers N"),
-                             (["--reload", self.sock], "SIGHUP loads the new code"),
-                             (["app:application"], "--app app:application /run/app/app.sock"),
-                             (["myproject.wsgi:application"], "--app myproject.wsgi:application"),
-                             ([self.sock, "uptime"], "-- uptime")):
-            with self.subTest(typed=typed):
-                self.assertOneLineError(typed, 2, right)
-
-    def test_command_app_options_with_app_are_usage_errors(self):
-        for option in (["--cgi"], ["--pass-env", "HOME"], ["--max-body", "2M"],
-                       ["--max-output", "1M"], ["--command-timeout", "5"], ["--methods", "GET"],
-                       ["--max-procs", "2"]):
-            self.assertOneLineError(option + ["--app", "testapp:app", self.sock], 2,
-                                    f"{option[0]} is for the command app")
-
-    def test_pass_env_takes_a_comma_list(self):
-        self.start(self.sock, "--pass-env", "API_TOKEN,HOME", "--", "sh", "-c",
-                   'echo "$API_TOKEN $HOME"',
-                   env={"PATH": os.environ["PATH"], "API_TOKEN": "t0k", "HOME": "/h"})
-        self.assertEqual(get(self.sock)[0::2], (200, b"t0k /h\n"))
-
-    def test_group_without_mode_makes_the_socket_usable_by_that_group(self):
-        self.start_app("--group", str(os.getgid()), self.sock)
-        self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o660)
-
-    def test_quiet_drops_the_access_log(self):
-        server = self.start_app("--quiet", self.sock)
-        self.assertEqual(get(self.sock)[0], 200)
-        server.signal(signal.SIGTERM)
-        server.wait()
-        self.assertEqual(server.log().splitlines(),
-                         [f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}",
-                          "wsgi_unix: SIGTERM: stopping gracefully"])
-
-
-
-def process_alive(pid):
-    """True while ``pid`` runs (a zombie does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def read_pid(path):
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-class CommandAppTests(ServerTestCase):
-    def serve_command(self, *command, options=(), env=None):
-        return self.start(*options, self.sock, "--", *command, env=env)
-
-    def write_script(self, name, text):
-        path = os.path.join(self.dir, name)
-        with open(path, "w") as f:
-            f.write("#!/bin/sh\n" + text)
-        os.chmod(path, 0o755)
-        return path
-
-    def test_the_command_gets_cgi_variables_and_no_secrets(self):
-        env = {"PATH": os.environ["PATH"], "SECRET_TOKEN": "hunter2-secret", "LANG": "C.UTF-8",
-               "LISTEN_FDS": "1"}
-        self.serve_command("env", options=["--pass-env", "LANG"], env=env)
-        status, _, body = get(self.sock, "/some/path?a=1&b=%41", headers={
-            "X-Custom": "yes", "X_Sneaky": "no", "Proxy": "http://evil:3128",
-            "Content-Type": "text/x-test"})
-        self.assertEqual(status, 200)
-        child = dict(line.split("=", 1) for line in body.decode().splitlines())
-        self.assertNotIn("hunter2-secret", body.decode())
-        self.assertNotIn("LISTEN_FDS", child)
-        expected = {"REQUEST_METHOD": "GET", "PATH_INFO": "/some/path", "QUERY_STRING": "a=1&b=%41",
-                    "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
-                    "SERVER_NAME": "localhost", "SERVER_PORT": "80", "REMOTE_ADDR": "",
-                    "SCRIPT_NAME": "", "CONTENT_TYPE": "text/x-test", "HTTP_X_CUSTOM": "yes",
-                    "LANG": "C.UTF-8", "PATH": os.environ["PATH"]}
-        for key, value in expected.items():
-            self.assertEqual(child.get(key), value, key)
-        self.assertTrue(child["SERVER_SOFTWARE"].startswith("wsgi_unix/"))
-        self.assertIn("HTTP_HOST", child)
-        self.assertNotIn("HTTP_X_SNEAKY", child)
-        self.assertNotIn("HTTP_PROXY", child)  # httpoxy
-        self.assertEqual(set(child) - set(expected) - {"SERVER_SOFTWARE", "HTTP_HOST",
-                                                       "HTTP_ACCEPT_ENCODING"}, set())
-
-    def test_nul_in_the_request_is_refused_with_400(self):
-        self.serve_command("env")
-        self.assertEqual(get(self.sock, "/a%00b")[0], 400)
-
-    def test_shell_syntax_in_the_request_runs_nothing(self):
-        self.serve_command("printf", "%s|", "fixed", "args")
-        status, _, body = get(self.sock, "/$(touch%20pwned);touch%20pwned2?q=$(touch%20p3);`touch%20p4`",
-                              headers={"X-A": "$(touch pwned5); touch pwned6"})
-        self.assertEqual((status, body), (200, b"fixed|args|"))
-        self.assertEqual(sorted(os.listdir(self.dir)), ["app.sock", "testapp.py"])
-
-    def test_the_body_is_on_stdin_and_stdin_is_empty_without_one(self):
-        self.serve_command("cat")
-        self.assertEqual(get(self.sock, "/", "POST", body=b"posted data")[2], b"posted data")
-        self.assertEqual(get(self.sock, "/")[2], b"")
-        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
-                                                       b"3\r\nabc\r\n0\r\n\r\n"))
-        self.assertEqual(split_response(chunked)[0::2], (200, b"abc"))
-
-    def test_a_body_over_max_body_gets_413_without_running_the_command(self):
-        self.serve_command("sh", "-c", "touch ran; cat", options=["--max-body", "1K"])
-        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1025)[0], 413)
-        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
-                                                       b"401\r\n" + b"x" * 1025 + b"\r\n0\r\n\r\n"))
-        self.assertEqual(status_of(chunked), 413)
-        self.assertFalse(os.path.exists(os.path.join(self.dir, "ran")))
-        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1024)[2], b"x" * 1024)
-
-    def test_a_command_that_ignores_its_stdin_does_not_deadlock(self):
-        self.serve_command("echo", "ignored your body")
-        status, _, body = get(self.sock, "/", "POST", body=b"y" * (1 << 20))
-        self.assertEqual((status, body), (200, b"ignored your body\n"))
-
-    def test_failure_gives_500_naming_the_status_and_stderr_goes_to_the_log(self):
-        server = self.serve_command("sh", "-c", "echo out; echo 'first problem' >&2;"
-                                    "printf 'second\\033[31m' >&2; exit 7")
-        status, _, body = get(self.sock, "/job")
-        self.assertEqual(status, 500)
-        self.assertIn(b"status 7", body)
-        self.assertNotIn(b"problem", body)
-        self.assertEqual(server.wait_line("first problem"), "wsgi_unix: GET /job: first problem")
-        self.assertEqual(server.wait_line("second"), "wsgi_unix: GET /job: second\\x1b[31m")
-        # The reason goes to the operator too, with the request.
-        self.assertEqual(server.wait_line("exited with"),
-                         "wsgi_unix: GET /job: sh: the command exited with status 7")
-
-    def test_output_that_is_not_utf8_is_not_labelled_utf8(self):
-        self.serve_command("printf", "\\377\\376binary")
-        status, response, body = get(self.sock)
-        self.assertEqual((status, body), (200, b"\xff\xfebinary"))
-        self.assertEqual(response.getheader("Content-Type"), "application/octet-stream")
-
-    def test_unicode_line_separators_in_stderr_are_escaped_in_the_log(self):
-        # A log reader that splits on U+2028/U+2029 (str.splitlines does) could be fooled.
-        server = self.serve_command("sh", "-c", "printf 'real\\342\\200\\250forged\\342\\200\\251"
-                                    "line' >&2; exit 1")
-        self.assertEqual(get(self.sock, "/job")[0], 500)
-        self.assertEqual(server.wait_line("real"), "wsgi_unix: GET /job: real\\u2028forged\\u2029line")
-
-    def test_cgi_mode_takes_status_and_headers_from_the_output(self):
-        self.serve_command("printf", "Status: 404 Not Found\r\nContent-Type: text/html\r\n"
-                           "X-Script: yes\r\n\r\n<p>nope</p>", options=["--cgi"])
-        status, response, body = get(self.sock)
-        self.assertEqual((status, body), (404, b"<p>nope</p>"))
-        self.assertEqual(response.getheader("Content-Type"), "text/html")
-        self.assertEqual(response.getheader("X-Script"), "yes")
-        self.assertEqual(response.getheader("Content-Length"), "11")
-
-    def test_cgi_location_without_status_redirects(self):
-        self.serve_command("printf", "Location: /elsewhere\n\n", options=["--cgi"])
-        status, response, _ = get(self.sock)
-        self.assertEqual((status, response.getheader("Location")), (302, "/elsewhere"))
-
-    def test_cgi_malformed_headers_give_502(self):
-        for output in ["no blank line after this", "Bad Header Line\n\nbody", "Status: abc\n\n",
-                       "X-A: b\rc\n\n"]:
-            self.serve_command("printf", "%s", output, options=["--cgi"])
-            self.assertEqual(get(self.sock)[0], 502, output)
-            self.servers.pop().stop()
-
-    def test_too_much_output_gives_502_and_memory_stays_bounded(self):
-        server = self.serve_command("head", "-c", "20M", "/dev/zero")
-        self.assertEqual(get(self.sock)[0], 502)
-        self.assertLess(process_rss_kb(server.proc.pid) / 1024, 100)
-
-    def test_timeout_kills_the_whole_process_group_and_gives_504(self):
-        self.serve_command("sh", "-c", "sleep 300 & echo $! > grandchild; wait",
-                           options=["--command-timeout", "1"])
-        self.assertEqual(get(self.sock)[0], 504)
-        with open(os.path.join(self.dir, "grandchild")) as f:
-            grandchild = int(f.read())
-        wait_for(lambda: not process_alive(grandchild), "the grandchild to be killed")
-
-    def test_background_leftovers_are_killed_when_the_command_exits(self):
-        self.serve_command("sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!")
-        status, _, body = get(self.sock)
-        self.assertEqual(status, 200)
-        wait_for(lambda: not process_alive(int(body)), "the leftover to be killed")
-
-    def test_a_missing_or_non_executable_command_fails_at_start_up(self):
-        self.assertOneLineError([self.sock, "--", "no-such-command-xyz"], 1, "command not found")
-        script = self.write_script("script.sh", "echo hi\n")
-        os.chmod(script, 0o644)
-        self.assertOneLineError([self.sock, "--", "./script.sh"], 1, "not executable")
-        self.assertFalse(os.path.lexists(self.sock))
-
-    def test_a_command_gone_since_start_up_gives_500_and_one_log_line(self):
-        script = self.write_script("script.sh", "echo hi\n")
-        server = self.serve_command(script)
-        self.assertEqual(get(self.sock)[0:3:2], (200, b"hi\n"))
-        os.unlink(script)  # e.g. mid-upgrade
-        for _ in range(2):
-            status, _, body = get(self.sock)
-            self.assertEqual((status, body), (500, b"500 Internal Server Error: the command could "
-                                                   b"not be started\n"))
-        self.assertIn("cannot start", server.wait_line("cannot start"))
-        self.assertNotIn("Traceback", server.log())
-
-    def test_methods_are_limited_and_head_runs_without_a_body(self):
-        self.serve_command("echo", "hello")
-        status, response, _ = get(self.sock, "/", "PUT", body=b"x")
-        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD, POST"))
-        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
-        status, head, body = split_response(answer)
-        self.assertEqual((status, body), (200, b""))
-        self.assertIn("Content-Length: 6", head)
-        self.servers.pop().stop()
-        self.serve_command("echo", "put ok", options=["--methods", "GET,PUT"])
-        self.assertEqual(get(self.sock, "/", "PUT", body=b"x")[0:3:2], (200, b"put ok\n"))
-        self.assertEqual(get(self.sock, "/", "POST", body=b"x")[0], 405)
-
-    def test_max_procs_bounds_the_commands_running_at_once(self):
-        self.assert_commands_at_once_at_most(2, "--max-procs", "2", least=2)
-
-    def test_max_procs_is_each_workers(self):
-        # As --help and the README say: with --workers 2, twice as many in all.
-        self.assert_commands_at_once_at_most(2, "--max-procs", "1", "--workers", "2", least=1)
-
-    def assert_commands_at_once_at_most(self, most, *options, least):
-        events = os.path.join(self.dir, "events")
-        self.serve_command("sh", "-c", f"echo + >> {events}; sleep 0.2; echo - >> {events}",
-                           options=list(options))
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(get(self.sock)[0]))
-                   for _ in range(10)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(DEADLINE)
-        self.assertEqual(results, [200] * 10)
-        running = peak = 0
-        with open(events) as f:
-            for event in f.read().split():
-                running += 1 if event == "+" else -1
-                peak = max(peak, running)
-        self.assertLessEqual(peak, most)
-        self.assertGreaterEqual(peak, least)
-
-    def test_a_request_waiting_longer_than_the_timeout_for_its_turn_gets_503(self):
-        started = os.path.join(self.dir, "started")
-        self.serve_command("sh", "-c", f"trap '' TERM; touch {started}; sleep 5",
-                           options=["--max-procs", "1", "--command-timeout", "1"])
-        first = unix_connection(self.sock)
-        self.addCleanup(first.close)
-        first.request("GET", "/")
-        wait_for(lambda: os.path.exists(started), "the first command to start")
-        self.assertEqual(get(self.sock)[0], 503)
-        self.assertEqual(first.getresponse().status, 504)
-
-    def test_a_client_that_goes_away_gets_its_command_killed(self):
-        pidfile = os.path.join(self.dir, "pid")
-        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
-        client = unix_connection(self.sock)
-        client.request("GET", "/")
-        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
-        client.close()
-        wait_for(lambda: not process_alive(pid), "the command to be killed")
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be reaped")
-        self.assertNotIn("Traceback", server.log())
-
-    def test_a_setsid_daemon_of_a_command_is_killed_at_the_timeout(self):
-        pidfile = os.path.join(self.dir, "pid")
-        self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300",
-                           options=["--command-timeout", "1"])
-        self.assertEqual(get(self.sock)[0], 504)
-        daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
-        wait_for(lambda: not os.path.exists(f"/proc/{daemon}"), "the setsid daemon to be killed")
-
-    def test_a_command_that_exits_is_answered_though_a_child_holds_its_output(self):
-        pidfile = os.path.join(self.dir, "pid")
-        self.serve_command("sh", "-c", f"echo hello; sleep 300 & echo $! > {pidfile}",
-                           options=["--command-timeout", "20"])
-        started = time.monotonic()
-        self.assertEqual(get(self.sock)[0::2], (200, b"hello\n"))  # not 504 after 20 s
-        self.assertLess(time.monotonic() - started, 5.0)
-        child = read_pid(pidfile)
-        wait_for(lambda: not process_alive(child), "the background child to be killed")
-
-    def test_a_commands_stderr_is_capped_in_the_log(self):
-        # One 3 s request wrote 23.7 MB of log.
-        server = self.serve_command("sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' 'e' >&2; "
-                                    "echo out")
-        self.assertEqual(get(self.sock)[0::2], (200, b"out\n"))
-        line = server.wait_line("more bytes of stderr, not logged")
-        dropped = int(line.split("(and ")[1].split()[0])
-        self.assertEqual(len(server.log()) < 200000, True)
-        self.assertGreater(dropped, 1000000 - wsgi_unix.COMMAND_LOG_MAX - 1)
-
-    def test_a_client_that_half_closes_after_its_request_gets_its_answer(self):
-        # nc -N and socat shut their sending side once the request is out: that is no leaving.
-        self.serve_command("sh", "-c", "sleep 0.2; echo done")
-        for _ in range(3):
-            with connect(self.sock) as sock:
-                sock.sendall(request_bytes("/"))
-                sock.shutdown(socket.SHUT_WR)
-                self.assertEqual(Responses(sock).next()[1::2], (200, b"done\n"))
-
-    def test_a_client_that_leaves_after_sending_more_gets_its_command_killed(self):
-        pidfile = os.path.join(self.dir, "pid")
-        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
-        client = connect(self.sock)
-        client.sendall(request_bytes("/", close=False))
-        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
-        client.sendall(b"\r\n")  # stray bytes after the request: not a sign of life for ever
-        client.close()
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be killed")
-        server.wait_line('"GET / HTTP/1.1" 499 ')  # one access-log line: no answer written
-        self.assertEqual(len(server.log().splitlines()), 2, server.log())
-
-    def assert_no_command_outlives_the_server(self, *options):
-        pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
-        server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
-                                    f"echo $$ > {pidfile}; exec sleep 300",
-                                    options=["--graceful-timeout", "1", *options])
-        client = unix_connection(self.sock)
-        client.request("GET", "/")
-        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
-        daemon = read_pid(daemonfile)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        wait_for(lambda: not process_alive(pid), "the command to die with the server")
-        wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with the server")
-        client.close()
-
-    def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
-        self.assert_no_command_outlives_the_server()
-
-    def test_nor_one_of_a_worker_process(self):
-        # A worker is forked: it must become the subreaper itself, and run the command app's
-        # atexit kill when it ends.
-        self.assert_no_command_outlives_the_server("--workers", "2")
-
-    def test_readme_status_page_webhook_and_cgi_status(self):
-        # The three uses the README shows, as it shows them.
-        self.serve_command("uptime")
-        status, _, body = get(self.sock)
-        self.assertEqual(status, 200)
-        self.assertIn(b"load average", body)
-        self.servers.pop().stop()
-        self.write_script("deploy.sh", 'echo "Content-Type: text/plain"\necho\n'
-                                       'echo "deploying $(cat | wc -c) bytes of payload"\n')
-        self.serve_command("./deploy.sh", options=["--cgi", "--methods", "POST"])
-        self.assertEqual(get(self.sock)[0], 405)  # a plain curl deploys nothing
-        self.assertEqual(get(self.sock, "/", "POST", body=b'{"ref": "main"}')[0::2],
-                         (200, b"deploying 15 bytes of payload\n"))
-        self.servers.pop().stop()
-        self.write_script("status.sh", 'if [ "$QUERY_STRING" = "name=world" ]; then\n'
-                                       '  printf "Content-Type: text/plain\\n\\nhello, world\\n"\n'
-                                       'else\n'
-                                       '  printf "Status: 404 Not Found\\nContent-Type: text/plain\\n\\n'
-                                       'who?\\n"\nfi\n')
-        self.serve_command("./status.sh", options=["--cgi"])
-        self.assertEqual(get(self.sock, "/?name=world")[0::2], (200, b"hello, world\n"))
-        self.assertEqual(get(self.sock, "/?name=x")[0::2], (404, b"who?\n"))
-
-
-# --- Where it lives: nginx, systemd, proxies, frameworks ----------------------------------
-
-def readme_block(language, containing):
-    """The README's code block in ``language`` that contains ``containing``."""
-    with open(os.path.join(HERE, "README.md")) as f:
-        text = f.read()
-    blocks = text.split(f"```{language}\n")[1:]
-    found = [block.split("```", 1)[0] for block in blocks if containing in block]
-    if len(found) != 1:
-        raise AssertionError(f"README has {len(found)} {language} blocks with {containing!r}")
-    return found[0]
-
-
-def readme_site(sock, port, static):
-    """The README's nginx site, for a socket at ``sock``, on 127.0.0.1:``port``."""
-    site = readme_block("nginx", "proxy_http_version")
-    for text, replacement in (("/run/app/app.sock", sock), ("listen 80;", f"listen 127.0.0.1:{port};"),
-                              ("listen [::]:80;", ""), ("/opt/app/static/", static + "/")):
-        if text not in site:
-            raise AssertionError(f"the README's site has no {text!r}")
-        site = site.replace(text, replacement)
-    return site
-
-
-def require_tool(test, name):
-    """Skip without ``name`` -- but fail in CI, which must have installed it."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            test.fail(f"{name} is missing; .ci/run should have installed it")
-        test.skipTest(f"{name} is not installed")
-    return path
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class NginxCase(ServerTestCase):
-    """Real nginx in front, configured with the README's own snippet."""
-
-    server_args = ()  # added to the README's command line
-
-    def setUp(self):
-        super().setUp()
-        nginx = require_tool(self, "nginx")
-        self.port = free_port()
-        prefix = os.path.join(self.dir, "nginx")
-        os.mkdir(prefix)
-        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            os.mkdir(os.path.join(prefix, temp))
-            shutil.chown(os.path.join(prefix, temp), "www-data")
-        snippet = readme_site(self.sock, self.port, self.dir)
-        # A cache in front, for requests that ask for it (X-Test-Cache: 1), to see that a
-        # truncated response is never taken for a whole one; and a location rule.
-        snippet = snippet.replace("location / {", "location /admin { return 403; }\n"
-                                  "    location / {\n        proxy_cache test;\n"
-                                  "        proxy_cache_valid 200 1m;\n"
-                                  "        proxy_cache_bypass $no_cache;\n"
-                                  "        proxy_no_cache $no_cache;\n"
-                                  "        add_header X-Cache $upstream_cache_status;")
-        config = os.path.join(prefix, "nginx.conf")
-        with open(config, "w") as f:
-            f.write(f"""
-user www-data;
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    proxy_cache_path {prefix}/cache keys_zone=test:1m;
-    map $http_x_test_cache $no_cache {{ default 1; "1" 0; }}
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-{snippet}
-}}
-""")
-        self.error_log = os.path.join(prefix, "error.log")
-        self.nginx = subprocess.Popen([nginx, "-p", prefix, "-c", config, "-e", self.error_log],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.addCleanup(self.stop_nginx)
-        wait_for(lambda: self.nginx.poll() is not None or self.port_open(), "nginx to listen")
-        self.assertIsNone(self.nginx.poll(), self.nginx.stderr.read())
-        # The README's command line, with the test's app and socket.
-        self.server = self.start("--mode", "660", "--group", "www-data", "--proxy-headers",
-                                 *self.server_args, "--app", "testapp:app", self.sock)
-
-    def port_open(self):
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop_nginx(self):
-        self.nginx.terminate()
-        self.nginx.wait(DEADLINE)
-        self.nginx.stderr.close()
-
-    def fetch(self, method, url, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
-        return exchange(conn, method, url, body, headers)
-
-
-class NginxTests(NginxCase):
-    def test_requests_pass_through_nginx_intact(self):
-        self.assertEqual(self.fetch("GET", "/")[0::2], (200, b"hello\n"))
-        status, response, body = self.fetch("HEAD", "/")
-        self.assertEqual((status, body, response.getheader("Content-Length")), (200, b"", "6"))
-        payload = os.urandom(5 * 1024 * 1024)
-        self.assertEqual(self.fetch("POST", "/echo", payload)[0::2], (200, payload))
-        self.assertEqual(self.fetch("GET", "/error")[0], 500)
-        self.assertEqual(self.fetch("GET", "/no/such/page")[0], 404)
-        size = 4 * 1024 * 1024  # far beyond proxy_buffers: nginx spools it to disk
-        status, _, body = self.fetch("GET", f"/big?{size}")
-        self.assertEqual((status, len(body)), (200, size))
-        self.assertEqual(body[65536 * 7:65536 * 7 + 3], bytes([7]) * 3)
-
-    def test_nginx_keeps_its_connections_to_the_socket(self):
-        for _ in range(50):
-            self.assertEqual(self.fetch("GET", "/count-connections")[0], 200)
-        # One connection per request without keep-alive; here nginx reuses a few.
-        self.assertLessEqual(int(self.fetch("GET", "/count-connections")[2]), 4)
-
-    def test_a_truncated_response_is_neither_completed_nor_cached(self):
-        cache = {"X-Test-Cache": "1"}
-        for _ in range(2):
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
-            conn.request("GET", "/stream-error?100000", headers=cache)
-            response = conn.getresponse()
-            self.assertEqual(response.getheader("X-Cache"), "MISS")  # never a HIT
-            with self.assertRaises(http.client.IncompleteRead):
-                response.read()
-            conn.close()
-        with open(self.error_log) as f:
-            self.assertIn("upstream prematurely closed", f.read())
-        # The same response, whole, is cached: the cache works, it just never had the other.
-        self.assertEqual(self.fetch("GET", "/stream?100000", headers=cache)[1].getheader("X-Cache"),
-                         "MISS")
-        status, response, body = self.fetch("GET", "/stream?100000", headers=cache)
-        self.assertEqual((status, response.getheader("X-Cache"), len(body)), (200, "HIT", 100000))
-
-    def test_a_fragment_cannot_sneak_past_an_nginx_location_rule(self):
-        # nginx routes on the path before "#", and passes the raw target on: /public#/../admin
-        # would reach the app, whose PATH_INFO normalises to /admin.  We refuse it.
-        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as sock:
-            sock.sendall(b"GET /public#/../admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            answer = Responses(sock).rest()
-        self.assertEqual(status_of(answer), 400)
-        self.assertEqual(self.fetch("GET", "/admin/x")[0], 403)  # the rule nginx enforces
-        self.assertNotIn('"GET /public#/../admin HTTP/1.1" 200', self.server.log())
-        self.server.wait_line('"GET /public#/../admin HTTP/1.1" 400')
-
-    def test_the_client_address_and_scheme_come_from_nginx(self):
-        environ = json.loads(self.fetch("GET", "/env", headers={"X-Forwarded-For": "6.6.6.6"})[2])
-        self.assertEqual(environ["REMOTE_ADDR"], "127.0.0.1")  # what nginx appended, not the spoof
-        self.assertEqual(environ["HTTP_X_FORWARDED_FOR"], "6.6.6.6, 127.0.0.1")
-        self.assertEqual(environ["wsgi.url_scheme"], "http")
-
-    def test_fifty_concurrent_requests_get_no_502(self):
-        statuses = []
-
-        def one():
-            try:
-                statuses.append(self.fetch("GET", "/")[0])
-            except OSError as exc:
-                statuses.append(repr(exc))
-        run_together(one, 50)
-        self.assertEqual(statuses, [200] * 50)
-        with open(self.error_log) as f:
-            self.assertNotIn("connect() to unix:", f.read())
-
-
-class DebianNginxTests(ServerTestCase):
-    """The README's site file in a copy of the nginx package's own /etc/nginx, next to its
-    default site: with the stock configuration, not a minimal one."""
-
-    def test_the_readme_site_works_beside_the_stock_default_site(self):
-        nginx = require_tool(self, "nginx")
-        if not os.path.exists("/etc/nginx/sites-available/default"):
-            if os.environ.get("CI"):
-                self.fail("no stock /etc/nginx; .ci/run installs Debian's nginx")
-            self.skipTest("no stock /etc/nginx here")
-        port, etc = free_port(), os.path.join(self.dir, "etc-nginx")
-        shutil.copytree("/etc/nginx", etc, symlinks=True)
-        os.mkdir(os.path.join(self.dir, "static"))
-        with open(os.path.join(self.dir, "static", "style.css"), "w") as f:
-            f.write("body {}\n")
-        conf = os.path.join(etc, "nginx.conf")
-        with open(conf) as f:
-            text = f.read()
-        # Only the paths move into the copy (and the logs and pid into the test's directory).
-        text = text.replace("/etc/nginx/", etc + "/").replace("/run/nginx.pid",
-                                                                 os.path.join(etc, "nginx.pid"))
-        text = text.replace("/var/log/nginx/", self.dir + "/")
-        with open(conf, "w") as f:
-            f.write(text)
-        default = os.path.join(etc, "sites-enabled", "default")
-        os.unlink(default)  # a link to the real one
-        with open("/etc/nginx/sites-available/default") as f:
-            text = f.read().replace("listen 80 default_server;",
-                                    f"listen 127.0.0.1:{port} default_server;")
-        with open(default, "w") as f:
-            f.write(text.replace("listen [::]:80 default_server;", ""))
-        with open(os.path.join(etc, "sites-available", "app"), "w") as f:
-            f.write(readme_site(self.sock, port, os.path.join(self.dir, "static")))
-        os.symlink("../sites-available/app", os.path.join(etc, "sites-enabled", "app"))
-        check = subprocess.run([nginx, "-t", "-c", conf, "-e", os.path.join(self.dir, "e.log")],
-                               capture_output=True, text=True)
-        self.assertEqual(check.returncode, 0, check.stderr)
-        proc = subprocess.Popen([nginx, "-c", conf, "-e", os.path.join(self.dir, "e.log"),
-                                 "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-        self.addCleanup(proc.wait, DEADLINE)
-        self.addCleanup(proc.terminate)
-        self.start("--group", "www-data", "--proxy-headers", "--app", "testapp:app", self.sock)
-
-        def fetch(host, url="/"):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
-            return exchange(conn, "GET", url, headers={"Host": host})
-        wait_for(lambda: proc.poll() is not None or connectable_tcp(port), "nginx to listen")
-        self.assertEqual(fetch("app.example.com")[0::2], (200, b"hello\n"))
-        self.assertEqual(fetch("app.example.com", "/static/style.css")[0::2], (200, b"body {}\n"))
-        status, _, body = fetch("localhost")  # any other name: the package's default site
-        self.assertEqual(status, 200)
-        self.assertIn(b"nginx", body)
-        self.assertNotEqual(body, b"hello\n")
-
-
-class ProxyHeaderTests(ServerTestCase):
-    HEADERS = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7", "X-Forwarded-Proto": "https"}
-
-    def environ_via(self, target, headers):
-        request = request_bytes("/env", headers=[f"{k}: {v}" for k, v in headers.items()])
-        return json.loads(split_response(raw_request(target, request))[2])
-
-    def test_proxy_headers_from_a_unix_peer_set_remote_addr_and_scheme(self):
-        self.start_app("--proxy-headers", self.sock)
-        environ = self.environ_via(self.sock, self.HEADERS)
-        self.assertEqual(environ["REMOTE_ADDR"], "198.51.100.7")
-        self.assertEqual(environ["wsgi.url_scheme"], "https")
-        self.assertEqual(environ["HTTP_X_FORWARDED_FOR"], self.HEADERS["X-Forwarded-For"])
-        environ = self.environ_via(self.sock, {"X-Forwarded-Proto": "gopher"})
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("", "http"))
-
-    def test_proxy_headers_are_ignored_unless_asked_for(self):
-        self.start_app()
-        environ = self.environ_via(self.sock, self.HEADERS)
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("", "http"))
-
-    def test_a_spoofed_header_from_an_untrusted_tcp_peer_changes_nothing(self):
-        server = self.start_app("--proxy-headers", "127.0.0.1:0")
-        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
-        environ = self.environ_via(target, self.HEADERS)
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("127.0.0.1", "http"))
-        server.stop()
-        server = self.start_app("--proxy-headers", "--forwarded-allow-ips", "10.9.9.9,127.0.0.1",
-                                "127.0.0.1:0")
-        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
-        environ = self.environ_via(target, self.HEADERS)
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]),
-                         ("198.51.100.7", "https"))
-
-    def test_forwarded_allow_ips_needs_proxy_headers(self):
-        self.assertOneLineError(["--forwarded-allow-ips", "127.0.0.1", self.sock], 2,
-                                "--proxy-headers")
-
-    def test_forwarded_allow_ips_takes_addresses_only(self):
-        # A network or a name would silently match no peer: refuse it instead.
-        for wrong in ("10.0.0.0/8", "*", "proxy.example", "127.0.0.1,"):
-            self.assertOneLineError(["--proxy-headers", "--forwarded-allow-ips", wrong, self.sock],
-                                    2, "is not an IP address")
-
-    def test_an_ipv4_proxy_on_a_dual_stack_socket_is_trusted_by_its_ipv4_address(self):
-        server = self.start_app("--proxy-headers", "--forwarded-allow-ips", "127.0.0.1", "[::]:0")
-        port = int(server.wait_ready().rsplit(":", 1)[1])
-        environ = self.environ_via(("127.0.0.1", port), self.HEADERS)  # arrives as ::ffff:127.0.0.1
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]),
-                         ("198.51.100.7", "https"))
-        environ = self.environ_via(("::1", port), self.HEADERS)  # not on the list
-        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("::1", "http"))
-
-    def test_script_name_mounts_the_app_under_a_prefix(self):
-        self.start_app("--script-name", "/app", self.sock)
-        environ = json.loads(get(self.sock, "/app/env?x=1")[2])
-        self.assertEqual((environ["SCRIPT_NAME"], environ["PATH_INFO"], environ["QUERY_STRING"]),
-                         ("/app", "/env", "x=1"))
-        for outside in ("/", "/other/env", "/application/env"):
-            self.assertEqual(get(self.sock, outside)[0], 404, outside)
-        self.assertOneLineError(["--script-name", "app/", self.sock], 2, "/prefix")
-
-
-class SystemdTests(ServerTestCase):
-    def test_socket_activation_under_systemd_socket_activate(self):
-        activate = require_tool(self, "systemd-socket-activate")
-        server = self.start(ready=False, command=[activate, "-l", self.sock, sys.executable,
-                                                  SERVER, "--app", "testapp:app", "fd:3"])
-        # (Its socket file exists from bind(), a moment before listen(): connect to it.)
-        wait_for(lambda: connectable(self.sock), "systemd-socket-activate to listen")
-        self.assertEqual(get(self.sock)[0], 200)  # the first connection starts the service
-        self.assertIn("serving on fd:3", server.wait_ready())
-        variables = json.loads(get(self.sock, "/osenv")[2])
-        self.assertNotIn("LISTEN_FDS", variables)
-        self.assertNotIn("LISTEN_PID", variables)
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # systemd's, not ours
-
-    def notify_listener(self, address):
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        listener.bind(address)
-        listener.settimeout(DEADLINE)
-        self.addCleanup(listener.close)
-        return listener
-
-    def test_type_notify_gets_ready_and_stopping(self):
-        for name in (os.path.join(self.dir, "notify"), f"@wsgi_unix-notify-{os.getpid()}"):
-            listener = self.notify_listener(name if name[0] != "@" else "\0" + name[1:])
-            server = self.start_app(env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": name})
-            self.assertEqual(listener.recv(100), b"READY=1")
-            server.signal(signal.SIGTERM)
-            self.assertEqual(listener.recv(100), b"STOPPING=1")
-            self.assertEqual(server.wait(), 0)
-
-    def test_readme_units_verify_and_their_command_serves(self):
-        analyze = require_tool(self, "systemd-analyze")
-        activate = require_tool(self, "systemd-socket-activate")
-        units = os.path.join(self.dir, "units")
-        os.mkdir(units)
-        socket_unit = readme_block("ini", "ListenStream=")
-        service_unit = readme_block("ini", "ExecStart=")
-        # The units as written, with /opt/app where the test keeps the app (and its venv).
-        opt_app = os.path.join(self.dir, "opt-app")
-        os.makedirs(os.path.join(opt_app, "venv", "bin"))
-        os.symlink(sys.executable, os.path.join(opt_app, "venv", "bin", "python"))
-        for name, text in (("app.socket", socket_unit), ("app.service", service_unit)):
-            with open(os.path.join(units, name), "w") as f:
-                f.write(text.replace("/opt/app", opt_app))
-        result = subprocess.run([analyze, "verify", "app.socket", "app.service"], cwd=units,
-                                capture_output=True, text=True)
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SocketMode=0660", socket_unit)
-        self.assertIn("SocketGroup=www-data", socket_unit)
-        # Run the service's command as systemd would: the socket as fd 3, NOTIFY_SOCKET set.
-        self.assertIn("StateDirectory=app", service_unit)  # a writable place under DynamicUser
-        shutil.copy(SERVER, opt_app)
-        with open(os.path.join(opt_app, "app.py"), "w") as f:
-            f.write("def application(environ, start_response):\n"
-                    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
-                    "    return [b'from the unit\\n']\n")
-        command = [line.split("=", 1)[1] for line in service_unit.splitlines()
-                   if line.startswith("ExecStart=")][0].replace("/opt/app", opt_app).split()
-        command[0] = sys.executable if not os.path.exists(command[0]) else command[0]
-        notify = self.notify_listener(os.path.join(self.dir, "notify"))
-        server = Server([activate, "-l", self.sock, "-E", "NOTIFY_SOCKET=" +
-                         os.path.join(self.dir, "notify")] + command, opt_app)
-        self.servers.append(server)
-        wait_for(lambda: os.path.exists(self.sock), "the socket")
-        self.assertEqual(get(self.sock)[0::2], (200, b"from the unit\n"))
-        self.assertEqual(notify.recv(100), b"READY=1")
-
-
-class FrameworkTests(ServerTestCase):
-    """What real WSGI apps do, each done by the test app."""
-
-    def test_wsgi_input_read_in_pieces(self):
-        self.start_app()
-        payload = os.urandom(300000)
-        self.assertEqual(get(self.sock, "/stream-echo", "POST", body=payload)[2], payload)
-
-    def test_file_wrapper_is_sent_with_sendfile(self):
-        self.start_app()
-        path = os.path.join(self.dir, "served.txt")
-        with open(path, "wb") as f:
-            f.write(b"0123456789" * 100000)
-        status, response, body = get(self.sock, f"/file?{path}")
-        self.assertEqual((status, body), (200, b"0123456789" * 100000))
-        self.assertEqual(response.getheader("Content-Length"), "1000000")
-        answer = raw_request(self.sock, request_bytes(f"/file?{path}", "HEAD"))
-        self.assertEqual(split_response(answer)[0::2], (200, b""))
-        self.assertEqual(get(self.sock, "/pipe")[0::2], (200, b"through a pipe\n"))  # not sendfile
-
-    def test_write_from_start_response_and_exc_info(self):
-        self.start_app()
-        self.assertEqual(get(self.sock, "/write")[0::2], (200, b"written, then returned\n"))
-        self.assertEqual(get(self.sock, "/exc-info")[0::2], (503, b"sorry\n"))
-
-    def test_the_readme_dockerfile_cmd_serves_as_its_user(self):
-        dockerfile = readme_block("dockerfile", "CMD")
-        self.assertIn("COPY wsgi_unix.py app.py requirements.txt ./", dockerfile)
-        self.assertIn("USER 1000:101", dockerfile)
-        command = json.loads(dockerfile.split("\nCMD ", 1)[1].split("\n", 1)[0])
-        app_dir, run_dir = os.path.join(self.dir, "app"), os.path.join(self.dir, "run-app")
-        for directory in (app_dir, run_dir):
-            os.mkdir(directory)
-        os.chown(run_dir, 1000, 101)  # as the RUN line does for /run/app
-        shutil.copy(SERVER, app_dir)
-        with open(os.path.join(app_dir, "app.py"), "w") as f:
-            f.write("def application(environ, start_response):\n"
-                    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
-                    "    return [b'in a container\\n']\n")
-        python = python_for_nobody()
-        command = [python if arg == "python" else arg.replace("/run/app", run_dir) for arg in command]
-
-        def as_container_user():
-            os.setgid(101)
-            os.setgroups([])
-            os.setuid(1000)
-        server = Server(command, app_dir, env={"PATH": os.environ["PATH"]},
-                        preexec_fn=as_container_user)
-        self.servers.append(server)
-        server.wait_ready()
-        sock = os.path.join(run_dir, "app.sock")
-        self.assertEqual(get(sock)[0::2], (200, b"in a container\n"))
-        info = os.lstat(sock)
-        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, 101))
-        # The HEALTHCHECK, and the Kubernetes pod's probes, which run in the same image.
-        health = dockerfile.split("\nHEALTHCHECK ", 1)[1].split("\n", 1)[0]
-        pod = readme_block("yaml", "kind: Pod")
-        probes = [json.loads(health.split(" CMD ", 1)[1])] + [
-            json.loads(line.split("command:", 1)[1]) for line in pod.splitlines()
-            if "command:" in line]
-        self.assertEqual(len(probes), 3)
-
-        def probe(command):
-            return subprocess.run(
-                [python if arg == "python" else arg.replace("/run/app", run_dir)
-                 for arg in command], cwd=app_dir, env={"PATH": os.environ["PATH"]},
-                preexec_fn=as_container_user, capture_output=True, text=True, timeout=DEADLINE)
-        for command in probes:
-            result = probe(command)
-            self.assertEqual((result.returncode, result.stderr), (0, ""), command)
-        # Both containers mount the socket's volume where the probes and the site look.
-        self.assertEqual(pod.count("- {name: run-app, mountPath: /run/app}"), 2)
-        self.assertIn("server unix:/run/app/app.sock;", readme_block("nginx", "proxy_http_version"))
-        server.signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        result = probe(probes[0])
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("no such socket", result.stderr)
-
-    def test_help_and_the_readme_list_the_same_options(self):
-        import re
-        text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True,
-                              text=True).stdout
-        in_help = set(re.findall(r"^\s+(--[a-z-]+)", text, re.M)) - {"--help", "--version"}
-        with open(os.path.join(HERE, "README.md")) as f:
-            rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
-        self.assertEqual(in_help, set(re.findall(r"`(--[a-z-]+)", "\n".join(rows))))
-
-    def test_as_pid_1_it_says_to_run_with_an_init(self):
-        # As PID 1 (a container's first process) orphans of the app's subprocesses became
-        # zombies for good (200 after 200 requests); the README says docker run --init.
-        require_tool(self, "unshare")
-        server = self.start(command=["unshare", "--pid", "--fork", "--kill-child",
-                                     "--mount-proc", sys.executable, SERVER, "--app",
-                                     "testapp:app", self.sock], ready=False)
-        line = server.wait_line("warning")
-        self.assertIn("running as PID 1", line)
-        self.assertIn("docker run --init", line)
-        server.wait_ready()
-        self.assertEqual(get(self.sock)[0], 200)
-
-    def test_bare_container_run_serves(self):
-        # No environment at all, no site-packages, isolated mode: as in a scratch container.
-        shutil.copy(SERVER, self.dir)
-        self.start(env={}, command=[sys.executable, "-I", "-S", "wsgi_unix.py", self.sock])
-        status, _, body = get(self.sock)
-        self.assertEqual(status, 200)
-        self.assertIn(b"UTC", body)
-
-    def framework_python(self):
-        """A Python with Flask and Django (.ci/run makes one); skipped elsewhere, failed in CI."""
-        python = os.environ.get("WSGI_UNIX_FRAMEWORK_PYTHON")
-        if not python:
-            if os.environ.get("CI"):
-                self.fail("WSGI_UNIX_FRAMEWORK_PYTHON is not set; .ci/run should set it")
-            self.skipTest("set WSGI_UNIX_FRAMEWORK_PYTHON to a Python with flask and django")
-        return python
-
-    def test_a_real_flask_app(self):
-        python = self.framework_python()
-        with open(os.path.join(self.dir, "flaskapp.py"), "w") as f:
-            f.write(FLASK_APP)
-        self.start(env={"PATH": os.environ["PATH"]}, command=[
-            python, SERVER, "--proxy-headers", "--app", "flaskapp:app", self.sock])
-        self.assertEqual(get(self.sock, "/hello/world")[0::2], (200, b"hello, world"))
-        status, _, body = get(self.sock, "/echo", "POST", body=b'{"a": [1, 2]}',
-                              headers={"Content-Type": "application/json",
-                                       "X-Forwarded-For": "192.0.2.1",
-                                       "X-Forwarded-Proto": "https"})
-        self.assertEqual((status, json.loads(body)),
-                         (200, {"json": {"a": [1, 2]}, "remote": "192.0.2.1", "scheme": "https"}))
-        status, response, _ = get(self.sock, "/old")
-        self.assertEqual((status, response.getheader("Location")), (302, "/hello/moved"))
-        self.assertEqual(get(self.sock, "/stream")[0::2], (200, b"0123456789"))
-        self.assertEqual(get(self.sock, "/nowhere")[0], 404)
-        self.assertEqual(get(self.sock, "/boom")[0], 500)
-
-    def test_a_real_django_app(self):
-        python = self.framework_python()
-        with open(os.path.join(self.dir, "djangoapp.py"), "w") as f:
-            f.write(DJANGO_APP)
-        self.start(env={"PATH": os.environ["PATH"]}, command=[
-            python, SERVER, "--app", "djangoapp:application", self.sock])
-        self.assertEqual(get(self.sock, "/hello/django/")[0::2], (200, b"hello, django"))
-        self.assertEqual(get(self.sock, "/upload/", "POST", body=b"x" * 100000,
-                             headers={"Content-Type": "application/octet-stream"})[0::2],
-                         (200, b"100000 bytes"))
-        self.assertEqual(get(self.sock, "/nowhere/")[0], 404)
-
-    def test_help_reads_like_a_man_page(self):
-        result = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True)
-        self.assertEqual(result.returncode, 0)
-        text = result.stdout
-        for part in ("usage:", "ADDRESS [-- COMMAND", "--app MODULE:CALLABLE", "addresses:",
-                     "unix:@NAME", "fd:3", "examples:", "exit status:"):
-            self.assertIn(part, text)
-        options = ["--mode", "--group", "--threads", "--timeout", "--keep-alive",
-                   "--max-request-body", "--graceful-timeout",
-                   "--max-connections", "--allow-uid", "--proxy-headers", "--forwarded-allow-ips",
-                   "--script-name", "--quiet", "--version", "--cgi", "--pass-env", "--max-body",
-                   "--max-output", "--command-timeout", "--methods", "--max-procs"]
-        for option in options:
-            self.assertIn(option, text)
-        self.assertGreaterEqual(text.count("default"), 12)
-
-# --- HTTP on bytes: the request reader and the body decoders, without sockets --------------
-
-def read_all(data, step=None, max_body=1 << 30):
-    """Feed ``data`` to a request reader whole, or ``step`` bytes at a time; return the whole
-    requests as (method, path, query, version, keep_alive, body), and the bytes left over."""
-    reader = wsgi_unix._RequestReader(max_body)
-    requests = []
-    pieces = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
-    for piece in pieces:
-        reader.receive(piece)
-        while True:
-            event = reader.next_event()
-            if event is None:
-                break
-            kind, request = event
-            if kind == "request":
-                requests.append((request.method, request.path, request.query, request.version,
-                                 request.keep_alive, request.body.read()))
-    return requests, bytes(reader.buffer)
-
-
-def refusal(data, step=None, max_body=1 << 30):
-    """The status a request reader refuses ``data`` with, or None."""
-    try:
-        read_all(data, step, max_body)
-    except wsgi_unix._HTTPError as error:
-        return error.status
-    return None
-
-
-CHUNKED = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
-def get11(path=b"/", *headers):
-    return b"\r\n".join([b"GET %s HTTP/1.1" % path, b"Host: a"] + list(headers)) + b"\r\n\r\n"
-
-
-class RequestReaderTests(unittest.TestCase):
+class RequestReaderUnitTests(unittest.TestCase):
     """§3 on bytes: each input whole, one byte at a time, and followed by another request."""
 
     VALID = [
@@ -3205,7 +1687,7 @@ class RequestReaderTests(unittest.TestCase):
     def test_a_large_body_goes_to_a_temporary_file_and_reads_back_whole(self):
         body = os.urandom(3 * wsgi_unix.BODY_IN_MEMORY)
         data = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-        reader = wsgi_unix._RequestReader()
+        reader = wsgi_unix._RequestReader(1 << 30, wsgi_unix._BodySink)
         reader.receive(data)
         self.assertEqual(reader.next_event()[0], "head")
         kind, request = reader.next_event()
@@ -3226,48 +1708,358 @@ class RequestReaderTests(unittest.TestCase):
         self.assertLess(timings[1], 30 * max(timings[0], 0.001))  # linear, not quadratic
 
 
-def drawn_moves(text):
-    """The moves a drawing shows, in lines such as ``serving -> idle | head | closed``."""
-    moves = {}
-    for line in text.splitlines():
-        match = re.match(r"\s*(?:a connection.*:)?\s*([a-z]+)\s+->\s+([a-z |]+?)\s*(?:\(.*)?$", line)
-        if match and match.group(1) in wsgi_unix._MOVES:
-            moves[match.group(1)] = {state.strip() for state in match.group(2).split("|")}
-    return moves
+class MalformedRequestTests(ServerTestCase):
+    CASES = [
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+        (request_bytes(headers=[f"X-H{i}: {i}" for i in range(101)]), 431),
+        (request_bytes(headers=["X-Big: " + "b" * 70000]), 431),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+        (b"GET /a\x00b HTTP/1.1\r\n\r\n", 400),
+        (b"GET /\x1b[31m HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX\x01Y: z\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n", 400),
+        (b"GET / \r\n\r\n", 400),
+        (b"GET /\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),  # RFC 9112 3.2: one Host
+        (b"GET / FTP/1.1\r\n\r\n", 400),
+        (b"G(T / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+        (request_bytes("/echo", "POST", ["Content-Length: -1"]), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: abc"]), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: 5", "Content-Length: 6"], b"hello!"), 400),
+        (request_bytes("/echo", "POST", ["Content-Length: 5", "Transfer-Encoding: chunked"],
+                       b"5\r\nhello\r\n0\r\n\r\n"), 400),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip"]), 501),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: gzip, chunked"]), 501),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"zz\r\nhello\r\n0\r\n\r\n"),
+         400),
+        (request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"3\r\nhello\r\n0\r\n\r\n"),
+         400),
+    ]
 
+    def test_each_malformed_request_gets_its_status_and_the_next_is_served(self):
+        server = self.start_app()
+        for data, expected in self.CASES:
+            answer = raw_request(self.sock, data)
+            self.assertEqual(status_of(answer), expected, data[:60])
+            self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
 
-class CGIOutputTests(unittest.TestCase):
-    """The command app's CGI output parser (§9), on bytes."""
+    def test_refusals_in_a_loop_are_logged_a_few_a_second(self):
+        # A refused client reconnecting in a loop wrote 100,092 lines (7 MB) in 16 s.
+        server = self.start_app("--quiet", self.sock)
+        for _ in range(300):
+            self.assertEqual(status_of(raw_request(self.sock, b"NONSENSE\r\n\r\n")), 400)
 
-    def test_status_lines(self):
-        # (what the command prints, the status that goes out; None: a 502)
-        table = [(b"Status: 201 Made\n\n", "201 Made"), (b"Status: 404\n\n", "404 Not Found"),
-                 (b"Status: 299\n\n", "299 Unknown"), (b"Status: 599 Odd\n\n", "599 Odd"),
-                 (b"Location: /x\n\n", "302 Found"), (b"Content-Type: a/b\n\n", "200 OK"),
-                 (b"Status: 100\n\n", None), (b"Status: 103 Early Hints\n\n", None),
-                 (b"Status: 600\n\n", None), (b"Status: OK\n\n", None), (b"no blank line", None)]
-        for output, status in table:
-            with self.subTest(output=output):
-                if status is None:
-                    with self.assertRaises(ValueError):
-                        wsgi_unix._parse_cgi_output(output)
+        def summary():
+            raw_request(self.sock, b"NONSENSE\r\n\r\n")
+            return "more refusals were not logged" in server.log()
+        wait_for(summary, "the line that counts the rest")
+        refusals = [line for line in server.log().splitlines() if '"NONSENSE" 400' in line]
+        self.assertLess(len(refusals), 100)
+        counted = sum(int(line.split(": ")[1].split()[0]) for line in server.log().splitlines()
+                      if "more refusals were not logged" in line)
+        self.assertGreaterEqual(len(refusals) + counted, 300)
+
+    def test_a_client_that_hangs_up_before_its_error_answer_costs_one_line_not_a_traceback(self):
+        server = self.start_app()
+        for data, _ in self.CASES * 3:
+            with connect(self.sock) as sock:
+                sock.sendall(data)  # and goes, before the answer can be sent
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertNotIn("Traceback", server.log())
+        self.assertIn("client went away", server.log())
+
+    def test_tcp_clients_that_reset_their_connection_cost_no_traceback(self):
+        server = self.start_app("127.0.0.1:0")
+        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
+        for data in [b"", b"GET / HTTP/1.0\r\n", b"GET / HTTP/1.0\r\n\r\n"] * 30:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.connect(target)
+                sock.sendall(data)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # closed with SO_LINGER 0: a reset, not a FIN
+        self.assertEqual(status_of(raw_request(target, request_bytes())), 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertNotIn("Traceback", server.log())
+
+    def test_chunked_body_is_decoded_and_input_is_terminated(self):
+        self.start_app()
+        chunks = b"6;ext=1\r\nhello\n\r\nB\r\nworld, more\r\n0\r\nTrailer: x\r\n\r\n"
+        answer = raw_request(self.sock, request_bytes("/input", "POST",
+                                                      ["Transfer-Encoding: chunked"], chunks))
+        status, _, body = split_response(answer)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), {"first": "hello\n", "rest": "world, more",
+                                            "terminated": True, "after": ""})
+
+    def test_a_huge_chunk_is_streamed_not_buffered(self):
+        server = self.start_app()
+        size = 64 * 1024 * 1024
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/count", "POST", ["Transfer-Encoding: chunked"],
+                                       b"%x\r\n" % size))
+            block = b"x" * (1024 * 1024)
+            for _ in range(size // len(block)):
+                sock.sendall(block)
+            sock.sendall(b"\r\n0\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"%d" % size):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        self.assertEqual(split_response(answer)[0::2], (200, b"%d" % size))
+        with open(f"/proc/{server.proc.pid}/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        self.assertLess(peak / 1024, 48)  # MiB, far below the 64 MiB chunk
+
+    def test_wsgi_input_never_reads_past_the_body(self):
+        self.start_app()
+        # A timeout far below the server's 30 s: a read past the body would hang.
+        with connect(self.sock, 5) as sock:
+            sock.sendall(request_bytes("/input", "POST", ["Content-Length: 9"], b"ab\ncdefgh"))
+            sock.sendall(b"NEXT REQUEST")  # and the connection stays open
+            answer = b""
+            while b"}" not in answer:
+                answer += sock.recv(65536)
+        body = json.loads(split_response(answer)[2])
+        self.assertEqual((body["first"], body["rest"], body["after"]), ("ab\n", "cdefgh", ""))
+
+    def test_expect_100_continue_is_answered_when_the_body_is_read(self):
+        self.start_app()
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/echo", "POST", ["Content-Length: 5",
+                                                          "Expect: 100-continue"]))
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"hello")
+            answer = sock.recv(65536)
+        self.assertEqual(split_response(answer)[0::2], (200, b"hello"))
+
+    def test_head_gets_the_get_headers_and_no_body(self):
+        self.start_app()
+        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
+        status, head, body = split_response(answer)
+        self.assertEqual((status, body), (200, b""))
+        self.assertIn("Content-Length: 6", head)
+
+    def test_log_escapes_unicode_line_separators_in_a_request(self):
+        # U+2028 sent as UTF-8 reaches us as latin-1 text with \x80 in it: escaped, so that a
+        # reader that decodes the log as UTF-8 never sees a line separator.
+        server = self.start_app()
+        raw_request(self.sock, request_bytes("/a\u2028b".encode().decode("latin-1")))
+        line = server.wait_line('" 404')
+        self.assertIn("\\x80", line)
+        self.assertNotIn("\u2028", server.log())
+
+    def test_log_escapes_control_characters(self):
+        server = self.start_app()
+        raw_request(self.sock, b"GET /\x1b[2J\rfake HTTP/1.1\r\n\r\n")
+        line = server.wait_line('" 400')
+        self.assertIn("\\x1b[2J\\x0dfake", line)
+        self.assertNotIn("\x1b", server.log())
+
+    def test_fuzzed_requests_get_well_formed_answers_and_the_server_lives(self):
+        import random
+        import re
+        count = int(os.environ.get("WSGI_UNIX_FUZZ", "10000"))
+        server = self.start_app("--quiet", "--timeout", "2", self.sock)
+        rng = random.Random(20261126)
+        seeds = [request_bytes("/"), request_bytes("/env?x=1", headers=["Cookie: a=b"]),
+                 request_bytes("/echo", "POST", ["Content-Length: 5"], b"hello"),
+                 request_bytes("/echo", "POST", ["Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n"),
+                 request_bytes("/", "HEAD"), b"GET / HTTP/1.0\r\n\r\n"]
+        alphabet = b"\x00\r\n :;,\t\x7f\xff-_/?%0123456789aAzZ"
+
+        def mutate(data):
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(data) + 1)
+                kind = rng.random()
+                if kind < 0.3 and data:
+                    data[min(at, len(data) - 1)] = rng.choice(alphabet)
+                elif kind < 0.5:
+                    data[at:at] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+                elif kind < 0.7:
+                    del data[at:at + rng.randint(1, 8)]
+                elif kind < 0.8:
+                    data[at:at] = rng.choice(seeds)[:rng.randint(0, 40)]
                 else:
-                    self.assertEqual(wsgi_unix._parse_cgi_output(output)[0], status)
+                    data = data[:at] + b"\r\n\r\n"
+            return bytes(data)
+        cases = [mutate(rng.choice(seeds)) if i % 10 else bytes(rng.randrange(256) for _ in
+                 range(rng.randint(1, 200))) + b"\r\n\r\n" for i in range(count)]
+        response = re.compile(rb"HTTP/1\.[01] [1-5]\d\d [^\r\n]*\r\n(?:[!-9;-~]+: [^\r\n]*\r\n)*\r\n",
+                              re.S)
+        bad = []
+
+        def one(data):
+            with connect(self.sock) as sock:
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # the server answered and closed before all was sent
+                answer = b""
+                try:
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+            if not answer:
+                return  # a clean close is a valid answer to an incomplete request
+            match = response.match(answer)
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer[:match.end()] if match
+                               else b"")
+            end = match.end() + int(length.group(1)) if length else len(answer)
+            # Exactly the body the head announced, then nothing, or the answer to a request
+            # that the mutation made follow the first (pipelined).
+            if (not match or (length and not data.startswith(b"HEAD") and (
+                    len(answer) < end or (len(answer) > end and not response.match(answer, end))))):
+                bad.append((data, answer[:200]))
+
+        def worker(part):
+            for data in part:
+                one(data)
+        workers = [threading.Thread(target=worker, args=(cases[i::4],)) for i in range(4)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(120)
+        self.assertEqual(bad[:5], [])
+        self.assertIsNone(server.proc.poll())
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
 
 
-class AccessLogFieldTests(unittest.TestCase):
-    """A field of an access line (§6): escaped as nginx does, and cut short."""
+# --- §4 Socket I/O with deadlines ---------------------------------------------------------
 
-    def test_fields(self):
-        table = [('plain', 'plain'), ('a"b', 'a\\x22b'), ('back\\slash', 'back\\\\slash'),
-                 ('new\nline', 'new\\x0aline'), ('x' * 900, 'x' * 797 + '...'),
-                 ('\u00e9' * 500, '\u00e9' * 398 + '...')]  # bytes of UTF-8 count, not characters
-        for text, logged in table:
-            with self.subTest(text=text[:20]):
-                self.assertEqual(wsgi_unix._log_field(text, 800), logged)
+class SlowClientTests(ServerTestCase):
+    def test_silent_and_trickling_clients_do_not_delay_a_normal_request(self):
+        self.start_app()
+        silent = open_idle(self.sock, 100)
+        tricklers = open_idle(self.sock, 10)
+        stop, sent = threading.Event(), []
+
+        def trickle():
+            data = request_bytes("/")
+            for i in range(len(data) - 1):
+                if stop.wait(0.05):
+                    return
+                for sock in tricklers:
+                    sock.send(data[i:i + 1])
+                sent.append(i)
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            wait_for(lambda: len(sent) >= 3, "the tricklers to be under way")
+            started = time.monotonic()
+            self.assertEqual(get(self.sock)[0], 200)
+            took = time.monotonic() - started
+            print(f"\n    a normal request beside 100 silent and 10 trickling clients: "
+                  f"{took * 1000:.1f} ms", file=sys.stderr)
+            self.assertLess(took, 1.0)
+        finally:
+            stop.set()
+            thread.join()
+            for sock in silent + tricklers:
+                sock.close()
+
+    def test_a_request_that_does_not_arrive_in_time_gets_408(self):
+        server = self.start_app("--timeout", "1", self.sock)
+        for partial in (b"", b"GET / HT", request_bytes("/echo", "POST", ["Content-Length: 10"],
+                                                        b"12345")):
+            with connect(self.sock) as sock:
+                sock.sendall(partial)
+                started = time.monotonic()
+                answer = sock.recv(65536)
+                self.assertEqual(status_of(answer), 408, partial)
+                self.assertLess(time.monotonic() - started, 3.5)
+                self.assertEqual(sock.recv(100), b"")  # and closed
+        self.assertEqual(get(self.sock)[0], 200)
+        self.assertNotIn("Traceback", server.log())
+        server.wait_line("did not arrive in time")
+
+    def trickle(self, sock, send=b"", chunk=100, pause=0.05):
+        """Send ``send``, or else read, ``chunk`` bytes per ``pause`` seconds; return what was
+        read once the server closes (or fail at the deadline)."""
+        received, end = b"", time.monotonic() + DEADLINE
+        for start in range(0, len(send), chunk):
+            try:
+                sock.sendall(send[start:start + chunk])
+            except OSError:
+                break  # answered and closed
+            time.sleep(pause)
+            self.assertLess(time.monotonic(), end, "still taking a trickled body")
+        while True:
+            data = sock.recv(chunk)
+            if not data:
+                return received
+            received += data
+            time.sleep(0 if send else pause)
+            self.assertLess(time.monotonic(), end, "still reading")
+
+    def test_a_body_trickled_a_few_bytes_at_a_time_gets_408(self):
+        # Each piece comes well within --timeout, but 64 KiB must come per --timeout.
+        server = self.start_app("--timeout", "1", self.sock)
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 1000000"]))
+            answer = self.trickle(sock, send=b"x" * 1000000)
+        self.assertEqual(status_of(answer), 408)
+        server.wait_line("did not arrive in time")
+
+    def test_a_client_that_reads_a_few_bytes_at_a_time_is_cut_off(self):
+        server = self.start_app("--timeout", "1", self.sock)
+        big_file = os.path.join(self.dir, "big")
+        with open(big_file, "wb") as f:
+            f.write(b"f" * 8000000)
+        for count, url in enumerate(("/big?8000000", f"/file?{big_file}"), 1):  # and sendfile()
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes(url))
+                # What the socket buffers hold still comes after the server gives up.
+                end = time.monotonic() + DEADLINE
+                while server.log().count("client stopped reading") < count:
+                    self.assertTrue(sock.recv(100), url)
+                    time.sleep(0.05)
+                    self.assertLess(time.monotonic(), end, f"still serving {url} to a trickler")
+        self.assertNotIn("Traceback", server.log())
+
+    def test_a_slow_but_steady_client_is_served_in_full(self):
+        self.start_app("--timeout", "1", self.sock)
+        with connect(self.sock) as sock:  # ~256 KiB/s each way
+            sock.sendall(request_bytes("/count", "POST", ["Content-Length: 600000"]))
+            answer = self.trickle(sock, send=b"x" * 600000, chunk=16384, pause=0.0625)
+        self.assertEqual(split_response(answer)[::2], (200, b"600000"))
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/big?655360"))
+            answer = self.trickle(sock, chunk=16384, pause=0.0625)
+        self.assertEqual(len(split_response(answer)[2]), 655360)
+
+    def test_a_thousand_idle_connections_stay_cheap_and_the_server_serves(self):
+        server = self.start_app()
+        idle = open_idle(self.sock, 1000)
+        try:
+            self.assertEqual(get(self.sock)[0], 200)
+            rss_mib = process_rss_kb(server.proc.pid) / 1024
+            self.assertLess(rss_mib, 150)
+            print(f"\n    RSS with 1,000 idle connections: {rss_mib:.1f} MiB", file=sys.stderr)
+        finally:
+            for sock in idle:
+                sock.close()
 
 
-class ConnectionMovesTests(unittest.TestCase):
+# --- §5 The engine ------------------------------------------------------------------------
+
+class ConnectionMovesUnitTests(unittest.TestCase):
     """A connection's states and moves are data (§5's _MOVES), and the drawings agree."""
 
     def test_the_engine_docstring_and_the_readme_draw_the_table(self):
@@ -3290,16 +2082,16 @@ class ConnectionMovesTests(unittest.TestCase):
                     conn.move(bad)
 
 
-class LeadershipTests(unittest.TestCase):
+class LeadershipUnitTests(unittest.TestCase):
     """How threads take work (§5's _Leadership), decided without threads or sockets."""
 
     QUICK, WAITS = wsgi_unix.HAND_OVER_ABOVE / 10, wsgi_unix.HAND_OVER_ABOVE * 10
 
-    def leadership(self, app_time, followers=0, ready=("conn",), returns=()):
+    def leadership(self, app_time, followers=0, ready=("conn",), returned=()):
         lead = wsgi_unix._Leadership()
         lead.leader, lead.followers, lead.app_time = "me", followers, app_time
         lead.ready.extend(ready)
-        lead.returns.extend(returns)
+        lead.returned.extend(returned)
         return lead
 
     def test_who_serves_a_ready_request(self):
@@ -3318,7 +2110,7 @@ class LeadershipTests(unittest.TestCase):
                 self.assertEqual(lead.busy_since, busy_since)
 
     def test_handed_back_connections_come_first_and_alone(self):
-        lead = self.leadership(self.WAITS, 1, returns=("back1", "back2"))
+        lead = self.leadership(self.WAITS, 1, returned=("back1", "back2"))
         self.assertEqual(lead.take_work("me", 0.0), (True, None, ["back1", "back2"]))
         self.assertEqual(list(lead.ready), ["conn"])
         self.assertEqual(lead.take_work("me", 0.0), (False, "conn", ()))
@@ -3402,7 +2194,7 @@ class LeadershipTests(unittest.TestCase):
                 follower = threading.Thread(target=lambda: taken.append(lead.follow("f")))
                 follower.start()
                 wait_for(lambda: lead.followers == 1, "the follower to wait")
-                lead.hand_back("conn", ready=True)
+                lead.queue_request("conn")
                 follower.join(0.2)
                 if served_by_follower:
                     self.assertEqual(taken, [(False, "conn")])
@@ -3425,77 +2217,6 @@ class LeadershipTests(unittest.TestCase):
         lead = self.leadership(self.QUICK)
         lead.idle()
         self.assertTrue(lead.apps_wait)
-
-
-class Responses:
-    """Read HTTP responses one after another from a socket (keep-alive, pipelining)."""
-
-    def __init__(self, sock):
-        self.sock, self.buffer = sock, b""
-
-    def _fill(self):
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-
-    def _until(self, marker):
-        while marker not in self.buffer:
-            self._fill()
-        part, _, self.buffer = self.buffer.partition(marker)
-        return part
-
-    def _take(self, count):
-        while len(self.buffer) < count:
-            self._fill()
-        part, self.buffer = self.buffer[:count], self.buffer[count:]
-        return part
-
-    def next(self, method="GET"):
-        """(version, status, headers with lower-case names, body) of the next response."""
-        status_line, *lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        version, status = status_line.split(" ")[0], int(status_line.split(" ")[1])
-        headers = dict((name.lower(), value) for name, value in
-                       (line.split(": ", 1) for line in lines))
-        if method == "HEAD" or status < 200 or status in (204, 304):
-            body = b""
-        elif "content-length" in headers:
-            body = self._take(int(headers["content-length"]))
-        elif headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size = int(self._until(b"\r\n"), 16)
-                if not size:
-                    self._until(b"\r\n")
-                    break
-                body += self._take(size)
-                assert self._take(2) == b"\r\n"
-        else:
-            body = self.rest()
-        return version, status, headers, body
-
-    def rest(self):
-        """Everything until the server closes."""
-        while True:
-            try:
-                self._fill()
-            except EOFError:
-                part, self.buffer = self.buffer, b""
-                return part
-
-    def closed(self):
-        """True once the server has closed (fails if it sends more, or not within DEADLINE)."""
-        return self.rest() == b""
-
-
-def connect(path, timeout=DEADLINE):
-    family = socket.AF_UNIX
-    if isinstance(path, tuple):
-        family = socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(path)
-    return sock
 
 
 class ThreadBoundTests(ServerTestCase):
@@ -3925,47 +2646,6 @@ class KeepAliveTests(ServerTestCase):
         self.assertNotIn("Traceback", server.log())
 
 
-class TruncationTests(ServerTestCase):
-    """A response that could not be finished never looks complete."""
-
-    def test_a_chunked_response_that_fails_has_no_last_chunk(self):
-        server = self.start_app()
-        conn = unix_connection(self.sock)
-        conn.request("GET", "/stream-error?1000")
-        response = conn.getresponse()
-        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
-        with self.assertRaises(http.client.IncompleteRead):
-            response.read()
-        conn.close()
-        server.wait_line("RuntimeError: late boom")
-        self.assertEqual(get(self.sock)[0], 200)
-
-    def test_a_short_body_is_never_followed_by_another_response(self):
-        self.start_app()
-        with connect(self.sock) as sock:
-            sock.sendall(request_bytes("/short", close=False) + request_bytes("/"))
-            responses = Responses(sock)
-            with self.assertRaises(EOFError):  # 10 of its 100 bytes, then the end
-                responses.next()
-
-    def test_over_tcp_a_truncated_response_is_a_reset(self):
-        curl = require_tool(self, "curl")
-        server = self.start_app("127.0.0.1:0")
-        port = int(server.wait_ready().rsplit(":", 1)[1])
-        for url, http10 in (("/error-after-headers", False), ("/stream-error?100000", True),
-                            ("/stream-error?10", False)):
-            with self.subTest(url=url, http10=http10):
-                result = subprocess.run([curl, "-sS", "-o", "/dev/null", "--max-time", "5"]
-                                        + (["--http1.0"] if http10 else [])
-                                        + [f"http://127.0.0.1:{port}{url}"],
-                                        capture_output=True, text=True)
-                self.assertNotEqual(result.returncode, 0, result.stderr)  # 18 or 56, not 0
-        # An HTTP/1.0 response that ends within 64 KiB got a Content-Length: a short one shows.
-        with connect(("127.0.0.1", port)) as sock:
-            sock.sendall(b"GET /stream?1000 HTTP/1.0\r\n\r\n")
-            self.assertEqual(Responses(sock).next()[2]["content-length"], "1000")
-
-
 class EarlyAnswerTests(ServerTestCase):
     def test_an_early_413_is_heard_not_reset(self):
         # The server answers from the head while the body is still coming; closing with unread
@@ -4097,6 +2777,8 @@ class ConnectionSlotTests(ServerTestCase):
 
 
 class StopTests(ServerTestCase):
+    """SIGTERM, SIGINT and the other signals; graceful and at once; inherited sockets."""
+
     def test_sigterm_closes_idle_connections_and_exits_at_once(self):
         server = self.start_app("--graceful-timeout", "20", self.sock)
         idle = []
@@ -4194,6 +2876,699 @@ class StopTests(ServerTestCase):
             wait_for(lambda: len(done) > before + 200, "requests served after the restarts")
         self.assertEqual(errors, [])
 
+    def test_sigterm_refuses_new_connections_and_lets_requests_finish(self):
+        server = self.start_app()
+        slow = unix_connection(self.sock)
+        slow.request("GET", "/slow?1")
+        server.wait_line("app: /slow started")
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: not connectable(self.sock), "new connections to be refused")
+        response = slow.getresponse()
+        self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_graceful_timeout_ends_a_request_that_never_finishes(self):
+        server = self.start_app("--graceful-timeout", "1", self.sock)
+        stuck = unix_connection(self.sock)
+        stuck.request("GET", "/forever")
+        server.wait_line("app: /forever started")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.lexists(self.sock))
+        stuck.close()
+
+    def test_sighup_and_sigquit_stop_gracefully_and_remove_the_socket_file(self):
+        for signum in (signal.SIGHUP, signal.SIGQUIT):
+            server = self.start_app()
+            slow = unix_connection(self.sock)
+            slow.request("GET", "/slow?0.3")
+            server.wait_line("app: /slow started")
+            server.signal(signum)
+            response = slow.getresponse()
+            self.assertEqual((response.status, response.read()), (200, b"slow done\n"))
+            self.assertEqual(server.wait(), 0, signum)
+            self.assertFalse(os.path.lexists(self.sock), signum)
+            # It says so, naming the signal; SIGHUP did not stop one process silently.
+            line = server.wait_line(f"{signal.Signals(signum).name}: stopping gracefully")
+            self.assertEqual("does not reload" in line, signum == signal.SIGHUP)
+
+    def test_sigusr2_is_ignored_with_a_line_and_sigusr1_has_no_file_to_reopen(self):
+        server = self.start_app()
+        server.signal(signal.SIGUSR2)
+        server.wait_line("SIGUSR2 means nothing here")
+        server.signal(signal.SIGUSR1)
+        server.wait_line("SIGUSR1: no --access-log file to reopen")
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_a_burst_of_ignored_signals_while_it_logs_changes_nothing(self):
+        # A handler that wrote through sys.stderr while the thread it interrupted was in a
+        # write there raised "reentrant call": serve_forever() ended, and the next SIGUSR1
+        # killed the process (SIGUSR1 then; it reopens the log now).
+        server = self.start_app()
+        with steady_load(lambda: get(self.sock)[0]) as (done, errors):
+            for _ in range(300):
+                server.signal(signal.SIGUSR2)
+                time.sleep(0.002)  # a signal at a time, each while requests are logged
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(errors, [])
+        self.assertNotIn("Traceback", server.log())
+
+    def test_sigusr1_reopens_the_access_log_after_logrotate_moved_it(self):
+        # Lines went on into the moved file, and SIGUSR1 said "means nothing here".
+        log = os.path.join(self.dir, "access.log")
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                server = self.start_app("--workers", workers, "--access-log", log, self.sock)
+                self.assertEqual(get(self.sock, "/before")[0], 404)
+                wait_for(lambda: os.path.exists(log) and "/before" in read_text(log),
+                         "the first line")
+                os.rename(log, log + ".1")  # what logrotate does
+                server.signal(signal.SIGUSR1)
+                server.wait_line(f"SIGUSR1: reopened {log}")
+                if workers == "2":  # each worker reopens its own, after the master
+                    wait_for(lambda: server.log().count(f"SIGUSR1: reopened {log}") == 3,
+                             "both workers to reopen it")
+                for _ in range(10):
+                    self.assertEqual(get(self.sock, "/after")[0], 404)
+                server.signal(signal.SIGTERM)
+                self.assertEqual(server.wait(), 0)
+                with open(log) as f:
+                    self.assertEqual(f.read().count('"GET /after HTTP/1.1" 404'), 10)
+                with open(log + ".1") as f:
+                    self.assertNotIn("/after", f.read())
+                os.unlink(log)
+                os.unlink(log + ".1")
+
+    def test_a_second_sigterm_stops_at_once_with_status_1(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server = self.start_app("--graceful-timeout", "30", self.sock)
+            stuck = unix_connection(self.sock)
+            stuck.request("GET", "/forever")
+            server.wait_line("app: /forever started")
+            server.signal(signum)
+            wait_for(lambda: not os.path.lexists(self.sock), "the stop to begin")
+            started = time.monotonic()
+            server.signal(signum)
+            self.assertEqual(server.wait(), 1)
+            self.assertLess(time.monotonic() - started, 5.0)  # not the 30 s grace
+            self.assertIn("stopped at once by a second signal", server.log())
+            self.assertNotIn("Traceback", server.log())
+            stuck.close()
+
+    def test_readiness_line_names_the_resolved_address(self):
+        os.symlink(self.dir, os.path.join(self.dir, "here"))
+        server = self.start("--app", "testapp:app", "app.sock")
+        # Who may connect, too: nginx as www-data gets 502 from a 600 socket of root's.
+        self.assertEqual(server.wait_ready(), f"wsgi_unix: serving on unix:{self.sock}"
+                                              f"{MODE_600_OURS}")
+
+
+class LoadTests(ServerTestCase):
+    def hammer(self, clients, requests, errors, stop=None):
+        def client():
+            for _ in range(requests):
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    if status_of(raw_request(self.sock, b"GET / HTTP/1.0\r\n\r\n")) != 200:
+                        errors.append("status")
+                except (OSError, IndexError, ValueError) as exc:
+                    errors.append(repr(exc))
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def test_200_concurrent_clients_get_no_errors(self):
+        self.start_app("--quiet", self.sock)
+        errors = []
+        for thread in self.hammer(200, 50, errors):
+            thread.join(120)
+        self.assertEqual(errors, [])
+
+    def test_descriptor_exhaustion_neither_crashes_nor_spins(self):
+        import resource
+        server = self.start_app("--quiet", self.sock, preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (64, 64)))
+        idle = []
+        for _ in range(100):  # connect() succeeds into the backlog even when accept() cannot
+            sock = connect(self.sock)
+            idle.append(sock)
+        try:
+            before = process_cpu_seconds(server.proc.pid)
+            time.sleep(1.0)
+            self.assertLess(process_cpu_seconds(server.proc.pid) - before, 0.5)
+            self.assertIsNone(server.proc.poll(), server.log())
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertEqual(get(self.sock)[0], 200)
+        server.wait_line("--max-connections lowered from 1024 to 16")  # (and EMFILE evicts)
+
+    def test_sigterm_with_every_descriptor_taken_still_removes_the_socket_file(self):
+        import resource
+        # (The backlog cannot drain without descriptors: the stop waits out its grace.)
+        server = self.start_app("--quiet", "--graceful-timeout", "2", self.sock,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+        idle = open_idle(self.sock, 100)  # 64 descriptors are soon taken
+        try:
+            server.wait_line("every connection slot is taken")
+            server.signal(signal.SIGTERM)
+            self.assertEqual(server.wait(), 0, server.log())  # it exited 1, leaving the file
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertFalse(os.path.lexists(self.sock))
+        self.assertNotIn("Traceback", server.log())
+
+    def run_as_nobody_with_few_threads(self, *args, threads_allowed):
+        """Start a copy of wsgi_unix.py as nobody, allowed ``threads_allowed`` threads in all
+        (as a container's pids limit would), with its socket in a directory nobody owns."""
+        import resource
+        shutil.copy(SERVER, self.dir)
+        run = os.path.join(self.dir, "run")
+        os.mkdir(run)
+        os.chown(run, 65534, 65534)
+
+        def limited():
+            resource.setrlimit(resource.RLIMIT_NPROC, (threads_allowed, threads_allowed))
+            as_nobody()
+        command = [python_for_nobody(), os.path.join(self.dir, "wsgi_unix.py"), *args,
+                   os.path.join(run, "app.sock")]
+        return os.path.join(run, "app.sock"), command, limited
+
+    def test_too_few_threads_at_start_up_is_a_one_line_error(self):
+        path, command, limited = self.run_as_nobody_with_few_threads(threads_allowed=5)
+        result = subprocess.run(command, cwd=self.dir, preexec_fn=limited, capture_output=True,
+                                text=True, timeout=DEADLINE)
+        lines = result.stderr.splitlines()
+        self.assertEqual(result.returncode, 1, lines)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("cannot start 8 threads", lines[0])
+        self.assertFalse(os.path.lexists(path))
+
+    def test_sigterm_under_load_completes_requests_and_exits_cleanly(self):
+        server = self.start_app("--quiet", self.sock)
+        errors, stop = [], threading.Event()
+        threads = self.hammer(16, 100000, errors, stop)
+        wait_for(lambda: get(self.sock)[0] == 200, "load to be under way")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertFalse(os.path.lexists(self.sock))
+        # A client either got its whole answer or could not connect; never a broken one.
+        broken = [e for e in errors if "ConnectionRefused" not in e and "FileNotFound" not in e]
+        self.assertEqual(broken, [], server.log())
+
+    def test_after_sigkill_under_load_the_next_start_serves(self):
+        server = self.start_app("--quiet", self.sock)
+        errors, stop = [], threading.Event()
+        threads = self.hammer(8, 100000, errors, stop)
+        server.signal(signal.SIGKILL)
+        server.wait()
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # left behind, stale
+        self.start_app("--quiet", self.sock)
+        self.assertEqual(get(self.sock)[0], 200)
+
+    @unittest.skipUnless(os.environ.get("WSGI_UNIX_SOAK"), "set WSGI_UNIX_SOAK=SECONDS to soak")
+    def test_soak_keeps_memory_descriptors_and_threads_flat(self):
+        seconds = float(os.environ["WSGI_UNIX_SOAK"])
+        server = self.start_app("--quiet", "--threads", "4", self.sock)
+        pid = server.proc.pid
+        self.assertEqual(get(self.sock)[0], 200)
+        idle_threads = wait_for(lambda: process_threads(pid) == 5 and 5, "4 threads and main")
+        idle_fds = len(os.listdir(f"/proc/{pid}/fd"))
+        errors, stop = [], threading.Event()
+        threads = self.hammer(16, 10 ** 9, errors, stop)
+        time.sleep(min(5.0, seconds / 4))
+        warm_rss = process_rss_kb(pid)
+        time.sleep(seconds)
+        end_rss = process_rss_kb(pid)
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        # (The idle counts may include the first request's connection, not yet closed.)
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= idle_fds, "descriptors back to idle")
+        wait_for(lambda: process_threads(pid) <= idle_threads, "threads back to idle")
+        print(f"\n    soak {seconds:.0f} s: RSS {warm_rss / 1024:.1f} -> {end_rss / 1024:.1f} MiB, "
+              f"fds {idle_fds}, threads {idle_threads}, errors {len(errors)}", file=sys.stderr)
+        self.assertLess(end_rss, warm_rss * 1.10)
+        self.assertEqual(errors, [])
+
+
+# --- §6 wsgiref glue: the server, the environ, response framing, the access log -----------
+
+class ResponseFramingUnitTests(unittest.TestCase):
+    """ServerHandler's framing, on bytes: what goes out for each kind of response, no socket."""
+
+    class Wire(io.BytesIO):  # what _SocketWriter is to ServerHandler
+        progress = None
+
+        @property
+        def sent(self):
+            return len(self.getvalue())
+
+    class RequestHandler:  # the request handler's part that ServerHandler uses
+        close_connection = False
+
+        def __init__(self):
+            self.logged = []
+            self.server = types.SimpleNamespace(
+                stopping=False, log_line=lambda message, **_: self.logged.append(message))
+
+        def log_request(self, code="-", size="-"):
+            self.logged.append(f"{code} {size}")
+
+        def log_error(self, format, *args):
+            self.logged.append(format % args)
+
+    def respond(self, app, method="GET", version="1.1"):
+        """(what went out, the handler) for ``app``'s answer to a request."""
+        wire, request_handler = self.Wire(), self.RequestHandler()
+        environ = {"REQUEST_METHOD": method, "SERVER_PROTOCOL": f"HTTP/{version}",
+                   "SERVER_NAME": "localhost", "SERVER_PORT": "80", "PATH_INFO": "/",
+                   "SCRIPT_NAME": "", "QUERY_STRING": ""}
+        handler = wsgi_unix.ServerHandler(io.BytesIO(), wire, io.StringIO(), environ,
+                                          multithread=True)
+        handler.request_handler, handler.http_version = request_handler, version
+        handler.run(app)
+        return wire.getvalue(), handler
+
+    @staticmethod
+    def app(status, headers, body, fail_after=None):
+        def application(environ, start_response):
+            start_response(status, list(headers))  # (wsgiref adds to the list it is given)
+            if fail_after is None:
+                return body
+
+            def failing():
+                yield from body[:fail_after]
+                raise RuntimeError("late boom")
+            return failing()
+        return application
+
+    def test_each_kind_of_response_is_framed_as_the_docstring_says(self):
+        text = [("Content-Type", "text/plain")]
+        # (status, headers, body, method, version) -> (framing header, body on the wire,
+        # the connection after it)
+        for case, expected in [
+                (("200 OK", text, [b"he", b"llo"], "GET", "1.1"),
+                 ("Content-Length: 5", b"hello", "kept")),  # a list: counted
+                (("200 OK", text, iter([b"he", b"llo"]), "GET", "1.1"),
+                 ("Transfer-Encoding: chunked", b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n", "kept")),
+                (("200 OK", text, iter([b"he", b"llo"]), "GET", "1.0"),
+                 ("Content-Length: 5", b"hello", "kept")),  # held back, then counted
+                (("200 OK", text + [("Content-Length", "5")], iter([b"hello"]), "GET", "1.1"),
+                 ("Content-Length: 5", b"hello", "kept")),
+                (("200 OK", text, [b"hello"], "HEAD", "1.1"),
+                 ("Content-Length: 5", b"", "kept")),
+                (("204 No Content", [], iter([b"ignored"]), "GET", "1.1"),
+                 (None, b"", "kept")),
+                (("304 Not Modified", [], iter([b"ignored"]), "GET", "1.1"),
+                 (None, b"", "kept")),
+                (("103 Early Hints", [], [b""], "GET", "1.1"),
+                 ("Content-Length: ", None, "kept"))]:  # no final answer: 500
+            with self.subTest(case=case[::3]):
+                status, headers, body, method, version = case
+                wire, handler = self.respond(self.app(status, headers, body), method, version)
+                head, _, sent = wire.partition(b"\r\n\r\n")
+                framing, body_sent, after = expected
+                if status.startswith("1"):
+                    self.assertTrue(head.startswith(b"HTTP/1.1 500 "), wire)
+                    continue
+                self.assertTrue(head.startswith(f"HTTP/{version} {status}".encode()), wire)
+                for header in ("Content-Length: ", "Transfer-Encoding: "):
+                    self.assertEqual(header.encode() in head,
+                                     bool(framing) and framing.startswith(header), head)
+                if framing:
+                    self.assertIn(framing.encode(), head)
+                self.assertEqual(sent, body_sent)
+                self.assertEqual(handler.aborted, after != "kept")
+
+    def test_an_app_that_fails_after_its_head_aborts_without_the_last_chunk(self):
+        wire, handler = self.respond(self.app("200 OK", [], [b"first", b"second"], fail_after=1))
+        self.assertTrue(wire.endswith(b"5\r\nfirst\r\n"), wire)  # no 0\r\n\r\n: truncated
+        self.assertTrue(handler.aborted)
+
+    def test_an_app_that_fails_before_its_head_gets_500(self):
+        def failing(environ, start_response):
+            raise RuntimeError("early boom")
+        with contextlib.redirect_stderr(io.StringIO()):
+            wire, handler = self.respond(failing)
+        self.assertTrue(wire.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), wire)
+        self.assertFalse(handler.aborted)
+
+    def test_a_body_short_of_or_past_its_length(self):
+        wire, handler = self.respond(self.app("200 OK", [("Content-Length", "100")],
+                                              iter([b"x" * 10])))
+        self.assertTrue(handler.aborted)  # short: the connection must not be reused
+        self.assertTrue(wire.endswith(b"\r\n\r\n" + b"x" * 10))
+        wire, handler = self.respond(self.app("200 OK", [("Content-Length", "5")],
+                                              iter([b"12345", b"67890"])))
+        self.assertTrue(wire.endswith(b"\r\n\r\n12345"), wire)  # what is past it is dropped
+        self.assertFalse(handler.aborted)  # and the connection is good for the next request
+        self.assertIn("more than its Content-Length (5) for GET /; the rest was dropped",
+                      handler.request_handler.logged[0])
+
+
+class SocketWriterUnitTests(unittest.TestCase):
+    """_SocketWriter.cut(), from the thread that finds a request past --request-timeout."""
+
+    def pair(self):
+        ours, client = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        return wsgi_unix._SocketWriter(ours, 5.0), client
+
+    def read_all(self, client):
+        client.settimeout(DEADLINE)
+        chunks = []
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_before_anything_went_out_the_answer_goes_instead_and_later_writes_fail(self):
+        writer, client = self.pair()
+        self.assertTrue(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        with self.assertRaises(BrokenPipeError):
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nlate")
+        self.assertEqual(self.read_all(client), b"HTTP/1.1 504 Gateway Timeout\r\n\r\n")
+
+    def test_after_the_head_went_out_it_is_only_closed(self):
+        writer, client = self.pair()
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst")
+        self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        with self.assertRaises(BrokenPipeError):
+            writer.write(b"more")
+        self.assertEqual(self.read_all(client), b"HTTP/1.1 200 OK\r\n\r\nfirst")
+
+    def test_during_a_write_it_does_not_split_it(self):
+        writer, client = self.pair()
+        with writer.lock:  # a write under way, in another thread
+            self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+        self.assertEqual(self.read_all(client), b"")
+
+
+class AccessLogFieldUnitTests(unittest.TestCase):
+    """A field of an access line (§6): escaped as nginx does, and cut short."""
+
+    def test_fields(self):
+        table = [('plain', 'plain'), ('a"b', 'a\\x22b'), ('back\\slash', 'back\\\\slash'),
+                 ('new\nline', 'new\\x0aline'), ('x' * 900, 'x' * 797 + '...'),
+                 ('\u00e9' * 500, '\u00e9' * 398 + '...')]  # bytes of UTF-8 count, not characters
+        for text, logged in table:
+            with self.subTest(text=text[:20]):
+                self.assertEqual(wsgi_unix._log_field(text, 800), logged)
+
+
+class RequestTests(ServerTestCase):
+    def environ(self, headers=None, url="/env"):
+        status, _, body = get(self.sock, url, headers=headers)
+        self.assertEqual(status, 200)
+        return json.loads(body)
+
+    def test_unix_peer_has_empty_remote_addr_and_dash_in_log(self):
+        server = self.start_app()
+        environ = self.environ()
+        self.assertEqual(environ["REMOTE_ADDR"], "")
+        self.assertEqual(environ["SERVER_NAME"], "localhost")
+        self.assertEqual(environ["SERVER_PORT"], "80")
+        self.assertTrue(environ["SERVER_PORT"].isdigit())
+        self.assertTrue(server.wait_line('"GET /env HTTP/1.1" 200').startswith("- - - ["))
+
+    def test_nothing_from_the_process_environment_reaches_the_app(self):
+        env = {"PATH": os.environ["PATH"], "SECRET": "hunter2-secret", "HTTPS": "on",
+               "HTTP_X_FOO": "injected", "REMOTE_USER": "root", "SCRIPT_NAME": "/evil"}
+        self.start_app(env=env)
+        environ = self.environ()
+        text = json.dumps(environ)
+        for leaked in ("hunter2-secret", "injected", "HTTP_X_FOO", "REMOTE_USER", "SECRET", "/evil"):
+            self.assertNotIn(leaked, text)
+        self.assertNotIn("PATH", environ)
+        self.assertEqual(environ["wsgi.url_scheme"], "http")
+        self.assertEqual(environ["SCRIPT_NAME"], "")
+
+    def test_header_names_with_underscores_are_dropped(self):
+        self.start_app()
+        environ = self.environ({"X_Auth_User": "mallory"})
+        self.assertNotIn("HTTP_X_AUTH_USER", environ)
+        environ = self.environ({"X-Auth-User": "alice", "X_Auth_User": "mallory"})
+        self.assertEqual(environ["HTTP_X_AUTH_USER"], "alice")
+
+    def test_request_keys_are_as_in_cgi(self):
+        self.start_app()
+        environ = self.environ({"Content-Type": "text/x-test"}, url="/env/%41?q=1&r=%41")
+        self.assertEqual(environ["PATH_INFO"], "/env/A")
+        self.assertEqual(environ["QUERY_STRING"], "q=1&r=%41")
+        self.assertEqual(environ["CONTENT_TYPE"], "text/x-test")
+        self.assertEqual(environ["REQUEST_METHOD"], "GET")
+        self.assertEqual(environ["SERVER_PROTOCOL"], "HTTP/1.1")
+        self.assertIs(environ["wsgi.multithread"], True)
+
+    def test_http_0_9_request_gets_a_status_line_not_a_bare_body(self):
+        self.start_app()
+        answer = raw_request(self.sock, b"GET /\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+
+    def test_requests_are_served_concurrently_by_the_threads(self):
+        self.start_app("--threads", "4", self.sock)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(get(self.sock, "/barrier?4")[0]))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertEqual(results, [200] * 4)  # the barrier lets none through until all 4 arrive
+
+    def test_listen_backlog_is_large(self):
+        # One thread, busy: connections queue in the backlog.  wsgiref's 5 would refuse most.
+        server = self.start_app("--threads", "1", self.sock)
+        busy = unix_connection(self.sock)
+        busy.request("GET", "/forever")
+        server.wait_line("app: /forever started")
+        clients = []
+        try:
+            for _ in range(200):
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                clients.append(client)
+                client.connect(self.sock)  # raises BlockingIOError when the backlog is full
+        finally:
+            for client in clients:
+                client.close()
+            busy.close()
+
+    def test_no_dns_lookup_at_start_up_or_per_request(self):
+        calls = []
+        saved = {name: getattr(socket, name) for name in
+                 ("getfqdn", "gethostbyaddr", "gethostbyname", "gethostbyname_ex", "getnameinfo")}
+
+        def spy(name):
+            def called(*args, **kwargs):
+                calls.append(name)
+                return saved[name](*args, **kwargs)
+            return called
+        for name in saved:
+            setattr(socket, name, spy(name))
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(log):  # the access log, which must not look up either
+                for address in (self.sock, "127.0.0.1:0"):
+                    with wsgi_unix.make_server(address, lambda e, s: (s("200 OK", []), [b"x"])[1],
+                                               access_log=True) as server:
+                        thread = threading.Thread(target=server.serve_forever)
+                        thread.start()
+                        target = (server.server_address if server.address_family != socket.AF_UNIX
+                                  else self.sock)
+                        answer = raw_request(target, b"GET / HTTP/1.0\r\n\r\n")
+                        self.assertEqual(status_of(answer), 200)
+                        server.shutdown()
+                        thread.join(DEADLINE)
+        finally:
+            for name, function in saved.items():
+                setattr(socket, name, function)
+        self.assertEqual(calls, [])
+        self.assertEqual(log.getvalue().count('"GET / HTTP/1.0" 200 1'), 2)
+
+
+class ApplicationFaultTests(ServerTestCase):
+    def test_app_error_before_start_response_gives_a_generic_500(self):
+        server = self.start_app()
+        status, _, body = get(self.sock, "/error")
+        self.assertEqual(status, 500)
+        self.assertNotIn(b"boom", body)
+        server.wait_line("RuntimeError: boom")
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_app_error_after_headers_closes_the_connection_short(self):
+        server = self.start_app()
+        conn = unix_connection(self.sock)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/error-after-headers")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+        server.wait_line("RuntimeError: late boom")
+        self.assertEqual(server.log().count("RuntimeError: late boom"), 1)
+
+    def test_malformed_app_results_give_500(self):
+        server = self.start_app()
+        for path in ("/not-iterable", "/bad-status", "/bad-header", "/wide-status"):
+            answer = raw_request(self.sock, request_bytes(path))
+            self.assertEqual(status_of(answer), 500, path)
+            self.assertNotIn(b"Set-Cookie", answer)
+        server.wait_line("malformed response header")
+
+    def test_close_is_called_also_when_the_client_goes_away(self):
+        server = self.start_app("--threads", "1", self.sock)
+        done = os.path.join(self.dir, "closed-1")
+        self.assertEqual(get(self.sock, f"/closing?{done},65536")[0], 200)
+        wait_for(lambda: os.path.exists(done), "close() after a complete response")
+        gone = os.path.join(self.dir, "closed-2")
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes(f"/closing?{gone},{10 * 1024 * 1024}"))
+            sock.recv(1024)
+        wait_for(lambda: os.path.exists(gone), "close() after the client went away")
+        server.wait_line(f'"GET /closing?{gone},10485760 HTTP/1.1" 499 ')  # nginx's status
+        self.assertEqual(get(self.sock)[0], 200)  # the only thread is free again
+        self.assertNotIn("Traceback", server.log())
+        self.assertNotIn("client went away", server.log())  # an access line, not an error
+        # A client that left before anything went out: 0 bytes sent, as nginx logs it (it
+        # showed the app's body size).
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/slow?0.3"))
+        server.wait_line('"GET /slow?0.3 HTTP/1.1" 499 0 ')
+
+    def test_the_access_log_is_nginx_combined_with_the_duration(self):
+        log = os.path.join(self.dir, "access.log")
+        server = self.start_app("--proxy-headers", "--access-log", log, self.sock)
+        get(self.sock, "/env", headers={"X-Forwarded-For": "203.0.113.9",
+                                        "Referer": "http://ref.example/", "User-Agent": "ua/1.0"})
+        get(self.sock, "/")
+        conn = unix_connection(self.sock)  # the app fails after its head: still a line
+        conn.request("GET", "/error-after-headers")
+        conn.getresponse()
+        conn.close()
+        server.wait_line("RuntimeError: late boom")
+        def read_lines():
+            with open(log) as f:
+                return f.read().splitlines()
+        wait_for(lambda: len(read_lines()) >= 3, "three access-log lines")
+        # In the order the requests were made (threads may write their lines in another).
+        lines = sorted(read_lines(), key=lambda line: ("/env" not in line, "/error" in line))
+        self.assertRegex(lines[0], r'^203\.0\.113\.9 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                                   r'"GET /env HTTP/1\.1" 200 \d+ "http://ref\.example/" "ua/1\.0" '
+                                   r'\d+\.\d{3}$')
+        self.assertTrue(lines[1].startswith("- - - ["), lines[1])  # a Unix peer, no proxy headers
+        self.assertIn('"GET /error-after-headers HTTP/1.1" 200 ', lines[2])
+        self.assertNotIn("GET /", server.log())  # the access log went to the file only
+
+    def test_an_access_line_cannot_be_forged_and_stays_under_pipe_buf(self):
+        server = self.start_app(self.sock)
+        agent = 'evil" 200 0 "-" "forged' + "z" * 60000
+        self.assertEqual(get(self.sock, "/", headers={"User-Agent": agent})[0], 200)
+        line = server.wait_line('"GET / HTTP/1.1" 200')
+        self.assertIn('"evil\\x22 200 0 \\x22-\\x22 \\x22forged', line)
+        self.assertEqual(line.count('"'), 6)  # the request line, referer, user agent
+        self.assertLess(len(line.encode()), 4096)
+
+    def test_the_access_log_to_stdout_and_a_quiet_client_that_left(self):
+        proc = subprocess.Popen([sys.executable, SERVER, "--access-log", "-", "--app",
+                                 "testapp:app", self.sock], cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        wait_for(lambda: connectable(self.sock), "the server")
+        get(self.sock)
+        self.assertIn('"GET / HTTP/1.1" 200 6 "-" "-" ', proc.stdout.readline())  # line-buffered
+        # With --quiet, a client that leaves costs no line at all (it cost one each, as errors).
+        quiet = os.path.join(self.dir, "quiet.sock")
+        server = self.start_app("--quiet", "--threads", "1", quiet)  # served in turn
+        for _ in range(5):
+            with connect(quiet) as sock:
+                sock.sendall(request_bytes("/big?10000000"))
+                sock.recv(100)
+        self.assertEqual(get(quiet)[0], 200)
+        self.assertEqual(server.log().splitlines(),
+                         [f"wsgi_unix: serving on unix:{quiet}{MODE_600_OURS}"])
+
+    def test_when_every_thread_is_stuck_a_line_says_so(self):
+        server = self.start_app("--threads", "2", "--timeout", "1", self.sock)
+        stuck = [unix_connection(self.sock) for _ in range(2)]
+        for conn in stuck:
+            conn.request("GET", "/forever")
+        line = server.wait_line("threads have been busy")
+        self.assertIn("all 2 threads have been busy for more than 1 s; the oldest request, "
+                      "GET /forever, for ", line)
+        for conn in stuck:
+            conn.close()
+
+    def test_an_app_that_blocks_forever_does_not_block_others(self):
+        server = self.start_app("--threads", "2", self.sock)
+        stuck = unix_connection(self.sock)
+        stuck.request("GET", "/forever")
+        server.wait_line("app: /forever started")
+        self.assertEqual(get(self.sock)[0], 200)
+        stuck.close()
+
+
+class TruncationTests(ServerTestCase):
+    """A response that could not be finished never looks complete."""
+
+    def test_a_chunked_response_that_fails_has_no_last_chunk(self):
+        server = self.start_app()
+        conn = unix_connection(self.sock)
+        conn.request("GET", "/stream-error?1000")
+        response = conn.getresponse()
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+        conn.close()
+        server.wait_line("RuntimeError: late boom")
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_a_short_body_is_never_followed_by_another_response(self):
+        self.start_app()
+        with connect(self.sock) as sock:
+            sock.sendall(request_bytes("/short", close=False) + request_bytes("/"))
+            responses = Responses(sock)
+            with self.assertRaises(EOFError):  # 10 of its 100 bytes, then the end
+                responses.next()
+
+    def test_over_tcp_a_truncated_response_is_a_reset(self):
+        curl = require_tool(self, "curl")
+        server = self.start_app("127.0.0.1:0")
+        port = int(server.wait_ready().rsplit(":", 1)[1])
+        for url, http10 in (("/error-after-headers", False), ("/stream-error?100000", True),
+                            ("/stream-error?10", False)):
+            with self.subTest(url=url, http10=http10):
+                result = subprocess.run([curl, "-sS", "-o", "/dev/null", "--max-time", "5"]
+                                        + (["--http1.0"] if http10 else [])
+                                        + [f"http://127.0.0.1:{port}{url}"],
+                                        capture_output=True, text=True)
+                self.assertNotEqual(result.returncode, 0, result.stderr)  # 18 or 56, not 0
+        # An HTTP/1.0 response that ends within 64 KiB got a Content-Length: a short one shows.
+        with connect(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /stream?1000 HTTP/1.0\r\n\r\n")
+            self.assertEqual(Responses(sock).next()[2]["content-length"], "1000")
+
 
 class EngineAPITests(ServerTestCase):
     def test_one_request_entry_points_say_they_do_not_apply(self):
@@ -4239,55 +3614,190 @@ class EngineAPITests(ServerTestCase):
             self.assertEqual(server.listen_address.kind, "tcp")
 
 
-class APITests(ServerTestCase):
-    def test_serve_in_a_thread_installs_no_signal_handlers(self):
-        before = signal.getsignal(signal.SIGTERM)
-        servers = []
+# --- §8 Worker processes (§7, processes, is tested through them and the CLI) --------------
 
-        class RecordingServer(wsgi_unix.WSGIServer):
-            def serve_forever(self, *args):
-                servers.append(self)
-                super().serve_forever(*args)
+class MasterDecisionUnitTests(unittest.TestCase):
+    """The master's decisions on a clock the test moves, its effects recorded: no fork."""
 
-        def app(environ, start_response):
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"api\n"]
+    class Master(wsgi_unix._Master):
+        def __init__(self, count=2, **options):
+            super().__init__("app:app", "unused.sock", count, dict(options))
+            self.did, self.last_pid = [], 100
 
-        log = io.StringIO()
-        with contextlib.redirect_stderr(log):
-            thread = threading.Thread(target=wsgi_unix.serve, args=(app, self.sock), kwargs={
-                "server_class": RecordingServer, "threads": 2, "access_log": False})
-            thread.start()
-            wait_for(lambda: servers, "the server to start")
-            self.assertEqual(get(self.sock)[2], b"api\n")
-            self.assertIs(signal.getsignal(signal.SIGTERM), before)
-            servers[0].shutdown()
-            thread.join(DEADLINE)
-        self.assertFalse(os.path.lexists(self.sock))
-        self.assertEqual(log.getvalue(), f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}\n")
+        def log_line(self, message):
+            self.did.append(("log", message))
 
-    def test_public_names_have_docstrings(self):
-        for name in wsgi_unix.__all__:
-            self.assertTrue(getattr(wsgi_unix, name).__doc__, name)
+        def _tell(self, worker, word):
+            self.did.append(("tell", worker.pid, word))
 
+        def _signal(self, worker, signum):
+            self.did.append(("signal", worker.pid, signal.Signals(signum).name))
 
-# --- Worker processes ---------------------------------------------------------------------
+        def _notify(self, state):
+            self.did.append(("notify", state))
 
-def children(pid):
-    """The pids of ``pid``'s children that still run (from /proc)."""
-    found = set()
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.update(int(child) for child in f.read().split())
-    except OSError:
-        pass
-    return {child for child in found if process_alive(child)}
+        def _announce(self, pids):
+            self.did.append(("announce", pids))
 
+        def _spawn(self, now):
+            self.last_pid += 1
+            self.did.append(("spawn", self.last_pid))
+            worker = self.workers[self.last_pid] = wsgi_unix._Worker(self.last_pid,
+                                                                     self.generation, None, now)
+            return worker
 
-def worker_pids(line):
-    """The pids a readiness line ("... with 2 workers (pids 12 13)") names."""
-    return {int(pid) for pid in line.rsplit("(pids ", 1)[1].rstrip(")").split()}
+        def step(self, now, *said):
+            """What the loop does at ``now``, after the workers said ``said`` (pid, word)."""
+            self.did = []
+            for pid, word in said:
+                self._heard(self.workers[pid], word, now)
+            self._kill_overdue(now)
+            if not self.stopping:
+                self._keep_up(now)
+            return self.did
+
+        def end(self, pid, now, status=0):
+            self.did = []
+            self._ended(self.workers[pid], status, now)
+            return self.did
+
+    def started(self, count=2):
+        master = self.Master(count, graceful_timeout=10)
+        self.assertEqual(master.step(0.0), [("spawn", 101)])  # the first alone
+        self.assertEqual(master.step(0.1), [])  # not until it serves
+        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)][:count - 1])
+        master.step(0.3, (102, "R")) if count > 1 else None
+        return master
+
+    def test_start_one_then_the_rest_then_announce(self):
+        master = self.Master(2)
+        self.assertEqual(master.step(0.0), [("spawn", 101)])
+        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)])
+        self.assertEqual(master.step(0.3, (102, "R")),
+                         [("announce", "101 102"), ("notify", "READY=1")])
+        self.assertEqual(master.step(5.0), [])  # nothing more to do
+
+    def test_first_worker_dying_before_it_serves_is_a_failed_start(self):
+        master = self.Master(2)
+        master.step(0.0)
+        did = master.end(101, 0.5, status=1 << 8)
+        self.assertIn("the first worker exited with status 1 before it served", master.error)
+        self.assertTrue(master.stopping)
+        self.assertEqual(did, [("notify", "STOPPING=1")])
+
+    def test_a_worker_that_dies_is_replaced_at_once_or_after_a_doubling_backoff(self):
+        master = self.started()
+        quick = wsgi_unix.WORKER_QUICK_DEATH
+        self.assertEqual(master.end(101, 5.0, status=signal.SIGKILL),
+                         [("log", "worker 101 was killed by SIGKILL; starting another")])
+        self.assertEqual(master.step(5.0), [("spawn", 103)])
+        delays = []
+        now = 5.0
+        for attempt in range(1, wsgi_unix.WORKER_GIVE_UP):  # dies at once, again and again
+            pid = master.last_pid
+            master.step(now + 0.01, (pid, "R"))
+            master.end(pid, now + quick / 2, status=1 << 8)
+            delays.append(master.retry_at - (now + quick / 2))
+            now = master.retry_at
+            self.assertEqual(master.step(now - 0.001), [])  # not before the backoff
+            self.assertEqual(master.step(now), [("spawn", pid + 1)])
+        self.assertEqual([round(delay, 6) for delay in delays],
+                         [wsgi_unix.WORKER_RETRY * 2 ** n for n in range(len(delays))])
+        master.end(master.last_pid, now + 0.01, status=1 << 8)  # one too many
+        self.assertIn("workers keep failing", master.error)
+
+    def test_a_worker_that_asks_is_replaced_by_one_that_serves_first(self):
+        master = self.started()
+        did = master.step(10.0, (101, "Qserved 57 requests (--max-requests)"))
+        self.assertEqual(did, [("log", "worker 101 served 57 requests (--max-requests); "
+                                       "replacing it"), ("spawn", 103)])
+        self.assertEqual(master.step(10.05), [])  # 101 serves on meanwhile
+        self.assertEqual(master.step(10.1, (103, "R")), [("tell", 101, b"S")])
+        self.assertEqual(master.workers[101].kill_at, 10.1 + 10 + wsgi_unix.WORKER_KILL_AFTER)
+        self.assertEqual(master.step(10.2, (101, "Qran GET / for 2.0 s")),  # retiring: a line
+                         [("log", "worker 101 ran GET / for 2.0 s")])
+        self.assertEqual(master.end(101, 10.5), [])  # a retiring worker's end is expected
+
+    def test_a_second_word_from_a_replacing_worker_is_logged_without_a_second_replacement(self):
+        master = self.started()
+        master.step(10.0, (101, "Qran GET /a for 2.0 s (--request-timeout 2)"))
+        did = master.step(10.0, (101, "Qran GET /b for 2.0 s (--request-timeout 2)"))
+        self.assertEqual(did, [("log", "worker 101 ran GET /b for 2.0 s (--request-timeout 2)")])
+        self.assertEqual(master.end(101, 10.1, status=0), [])  # it stopped by itself (memory)
+        self.assertEqual(master.step(10.2, (103, "R")), [])  # the replacement serves
+        self.assertEqual(len(master.workers), 2)
+
+    def test_a_worker_that_lingers_past_its_grace_is_killed_once(self):
+        master = self.started()
+        master.step(10.0, (101, "Qserved 50 requests"))
+        master.step(10.1, (103, "R"))
+        due = master.workers[101].kill_at
+        self.assertEqual(master.step(due - 0.01), [])
+        self.assertEqual(master.step(due), [
+            ("log", "worker 101 still runs 15 s after it was told to stop: killed"),
+            ("signal", 101, "SIGKILL")])
+        self.assertEqual(master.step(due + 1), [])
+
+    def test_sighup_reloads_one_then_the_rest_then_retires_the_old(self):
+        master = self.started()
+        master.did = []
+        master._on_signal(signal.SIGHUP, 20.0)
+        self.assertEqual(master.did, [("notify", "RELOADING=1\nMONOTONIC_USEC=20000000"),
+                                      ("log", "SIGHUP: reloading: starting 2 new workers")])
+        self.assertEqual(master.step(20.0), [("spawn", 103)])
+        self.assertEqual(master.step(20.2, (103, "R")), [("spawn", 104)])
+        self.assertEqual(master.step(20.3, (104, "R")), [
+            ("tell", 101, b"S"), ("tell", 102, b"S"),
+            ("log", "reloaded: workers 103 104 serve; 101 102 finish their requests and exit"),
+            ("notify", "READY=1")])
+
+    def test_a_reload_whose_first_worker_fails_keeps_the_old_generation(self):
+        master = self.started()
+        master._on_signal(signal.SIGHUP, 20.0)
+        master.step(20.0)
+        did = master.end(103, 20.5, status=1 << 8)
+        self.assertEqual(did, [("log", "reload failed: the first new worker exited with status "
+                                       "1 before it served; the old workers keep serving"),
+                               ("notify", "READY=1")])
+        self.assertEqual(master.generation, 1)
+        self.assertEqual(master.step(21.0), [])  # the old ones are the generation again
+
+    def test_a_stop_then_a_second_signal(self):
+        master = self.started()
+        master.did = []
+        master._on_signal(signal.SIGTERM, 30.0)
+        self.assertEqual(master.did, [("log", "SIGTERM: stopping gracefully"),
+                                      ("notify", "STOPPING=1"),
+                                      ("tell", 101, b"S"), ("tell", 102, b"S")])
+        master.did = []
+        master._on_signal(signal.SIGINT, 31.0)
+        self.assertEqual(master.did[1:], [("signal", 101, "SIGTERM"), ("signal", 101, "SIGINT"),
+                                          ("signal", 102, "SIGTERM"), ("signal", 102, "SIGINT")])
+        self.assertTrue(master.at_once)
+
+    def test_the_drawing_is_the_table_and_a_move_outside_it_is_refused(self):
+        drawing = wsgi_unix._Master.__doc__.split("refuses any other)::")[1].split("\n\n")[1]
+        drawn = set(re.findall(r"^\s+(\w+)\s+--.*?-+> (\w+)", drawing, re.M))
+        table = {(a, b) for a, targets in wsgi_unix._WORKER_MOVES.items() for b in targets}
+        self.assertEqual(drawn, table)
+        worker = wsgi_unix._Worker(1, 1, None, 0.0)
+        with self.assertRaisesRegex(RuntimeError, "from forked to replacing"):
+            worker.move(wsgi_unix._REPLACING)
+
+    def test_every_move_the_decisions_make_is_in_the_table(self):
+        # Each test above went through Worker.move(); here, the states a stop, a kill and a
+        # reap leave, and that the dead are forgotten.
+        master = self.started()
+        master.step(10.0, (101, "Qserved 50 requests"))
+        self.assertEqual(master.workers[101].state, "replacing")
+        master.step(10.1, (103, "R"))
+        self.assertEqual([w.state for w in master.workers.values()],
+                         ["retiring", "serving", "serving"])
+        master.step(master.workers[101].kill_at)
+        self.assertEqual(master.workers[101].state, "killed")
+        worker = master.workers[101]
+        master.end(101, 30.0, status=signal.SIGKILL)
+        self.assertEqual((worker.state, 101 in master.workers), ("reaped", False))
 
 
 class WorkerTests(ServerTestCase):
@@ -4764,242 +4274,513 @@ class RecyclingTests(ServerTestCase):
                 self.assertOneLineError(args + (self.sock,), 2, fragment)
 
 
-class MasterDecisionTests(unittest.TestCase):
-    """The master's decisions on a clock the test moves, its effects recorded: no fork."""
+# --- §9 API -------------------------------------------------------------------------------
 
-    class Master(wsgi_unix._Master):
-        def __init__(self, count=2, **options):
-            super().__init__("app:app", "unused.sock", count, dict(options))
-            self.did, self.last_pid = [], 100
+class APITests(ServerTestCase):
+    def test_serve_in_a_thread_installs_no_signal_handlers(self):
+        before = signal.getsignal(signal.SIGTERM)
+        servers = []
 
-        def log_line(self, message):
-            self.did.append(("log", message))
+        class RecordingServer(wsgi_unix.WSGIServer):
+            def serve_forever(self, *args):
+                servers.append(self)
+                super().serve_forever(*args)
 
-        def _tell(self, worker, word):
-            self.did.append(("tell", worker.pid, word))
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"api\n"]
 
-        def _signal(self, worker, signum):
-            self.did.append(("signal", worker.pid, signal.Signals(signum).name))
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):
+            thread = threading.Thread(target=wsgi_unix.serve, args=(app, self.sock), kwargs={
+                "server_class": RecordingServer, "threads": 2, "access_log": False})
+            thread.start()
+            wait_for(lambda: servers, "the server to start")
+            self.assertEqual(get(self.sock)[2], b"api\n")
+            self.assertIs(signal.getsignal(signal.SIGTERM), before)
+            servers[0].shutdown()
+            thread.join(DEADLINE)
+        self.assertFalse(os.path.lexists(self.sock))
+        self.assertEqual(log.getvalue(), f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}\n")
 
-        def _notify(self, state):
-            self.did.append(("notify", state))
-
-        def _announce(self, pids):
-            self.did.append(("announce", pids))
-
-        def _spawn(self, now):
-            self.last_pid += 1
-            self.did.append(("spawn", self.last_pid))
-            worker = self.workers[self.last_pid] = wsgi_unix._Worker(self.last_pid,
-                                                                     self.generation, None, now)
-            return worker
-
-        def step(self, now, *said):
-            """What the loop does at ``now``, after the workers said ``said`` (pid, word)."""
-            self.did = []
-            for pid, word in said:
-                self._heard(self.workers[pid], word, now)
-            self._kill_overdue(now)
-            if not self.stopping:
-                self._keep_up(now)
-            return self.did
-
-        def end(self, pid, now, status=0):
-            self.did = []
-            self._ended(self.workers[pid], status, now)
-            return self.did
-
-    def started(self, count=2):
-        master = self.Master(count, graceful_timeout=10)
-        self.assertEqual(master.step(0.0), [("spawn", 101)])  # the first alone
-        self.assertEqual(master.step(0.1), [])  # not until it serves
-        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)][:count - 1])
-        master.step(0.3, (102, "R")) if count > 1 else None
-        return master
-
-    def test_start_one_then_the_rest_then_announce(self):
-        master = self.Master(2)
-        self.assertEqual(master.step(0.0), [("spawn", 101)])
-        self.assertEqual(master.step(0.2, (101, "R")), [("spawn", 102)])
-        self.assertEqual(master.step(0.3, (102, "R")),
-                         [("announce", "101 102"), ("notify", "READY=1")])
-        self.assertEqual(master.step(5.0), [])  # nothing more to do
-
-    def test_first_worker_dying_before_it_serves_is_a_failed_start(self):
-        master = self.Master(2)
-        master.step(0.0)
-        did = master.end(101, 0.5, status=1 << 8)
-        self.assertIn("the first worker exited with status 1 before it served", master.error)
-        self.assertTrue(master.stopping)
-        self.assertEqual(did, [("notify", "STOPPING=1")])
-
-    def test_a_worker_that_dies_is_replaced_at_once_or_after_a_doubling_backoff(self):
-        master = self.started()
-        quick = wsgi_unix.WORKER_QUICK_DEATH
-        self.assertEqual(master.end(101, 5.0, status=signal.SIGKILL),
-                         [("log", "worker 101 was killed by SIGKILL; starting another")])
-        self.assertEqual(master.step(5.0), [("spawn", 103)])
-        delays = []
-        now = 5.0
-        for attempt in range(1, wsgi_unix.WORKER_GIVE_UP):  # dies at once, again and again
-            pid = master.last_pid
-            master.step(now + 0.01, (pid, "R"))
-            master.end(pid, now + quick / 2, status=1 << 8)
-            delays.append(master.retry_at - (now + quick / 2))
-            now = master.retry_at
-            self.assertEqual(master.step(now - 0.001), [])  # not before the backoff
-            self.assertEqual(master.step(now), [("spawn", pid + 1)])
-        self.assertEqual([round(delay, 6) for delay in delays],
-                         [wsgi_unix.WORKER_RETRY * 2 ** n for n in range(len(delays))])
-        master.end(master.last_pid, now + 0.01, status=1 << 8)  # one too many
-        self.assertIn("workers keep failing", master.error)
-
-    def test_a_worker_that_asks_is_replaced_by_one_that_serves_first(self):
-        master = self.started()
-        did = master.step(10.0, (101, "Qserved 57 requests (--max-requests)"))
-        self.assertEqual(did, [("log", "worker 101 served 57 requests (--max-requests); "
-                                       "replacing it"), ("spawn", 103)])
-        self.assertEqual(master.step(10.05), [])  # 101 serves on meanwhile
-        self.assertEqual(master.step(10.1, (103, "R")), [("tell", 101, b"S")])
-        self.assertEqual(master.workers[101].kill_at, 10.1 + 10 + wsgi_unix.WORKER_KILL_AFTER)
-        self.assertEqual(master.step(10.2, (101, "Qran GET / for 2.0 s")),  # retiring: a line
-                         [("log", "worker 101 ran GET / for 2.0 s")])
-        self.assertEqual(master.end(101, 10.5), [])  # a retiring worker's end is expected
-
-    def test_a_second_word_from_a_replacing_worker_is_logged_without_a_second_replacement(self):
-        master = self.started()
-        master.step(10.0, (101, "Qran GET /a for 2.0 s (--request-timeout 2)"))
-        did = master.step(10.0, (101, "Qran GET /b for 2.0 s (--request-timeout 2)"))
-        self.assertEqual(did, [("log", "worker 101 ran GET /b for 2.0 s (--request-timeout 2)")])
-        self.assertEqual(master.end(101, 10.1, status=0), [])  # it stopped by itself (memory)
-        self.assertEqual(master.step(10.2, (103, "R")), [])  # the replacement serves
-        self.assertEqual(len(master.workers), 2)
-
-    def test_a_worker_that_lingers_past_its_grace_is_killed_once(self):
-        master = self.started()
-        master.step(10.0, (101, "Qserved 50 requests"))
-        master.step(10.1, (103, "R"))
-        due = master.workers[101].kill_at
-        self.assertEqual(master.step(due - 0.01), [])
-        self.assertEqual(master.step(due), [
-            ("log", "worker 101 still runs 15 s after it was told to stop: killed"),
-            ("signal", 101, "SIGKILL")])
-        self.assertEqual(master.step(due + 1), [])
-
-    def test_sighup_reloads_one_then_the_rest_then_retires_the_old(self):
-        master = self.started()
-        master.did = []
-        master._on_signal(signal.SIGHUP, 20.0)
-        self.assertEqual(master.did, [("notify", "RELOADING=1\nMONOTONIC_USEC=20000000"),
-                                      ("log", "SIGHUP: reloading: starting 2 new workers")])
-        self.assertEqual(master.step(20.0), [("spawn", 103)])
-        self.assertEqual(master.step(20.2, (103, "R")), [("spawn", 104)])
-        self.assertEqual(master.step(20.3, (104, "R")), [
-            ("tell", 101, b"S"), ("tell", 102, b"S"),
-            ("log", "reloaded: workers 103 104 serve; 101 102 finish their requests and exit"),
-            ("notify", "READY=1")])
-
-    def test_a_reload_whose_first_worker_fails_keeps_the_old_generation(self):
-        master = self.started()
-        master._on_signal(signal.SIGHUP, 20.0)
-        master.step(20.0)
-        did = master.end(103, 20.5, status=1 << 8)
-        self.assertEqual(did, [("log", "reload failed: the first new worker exited with status "
-                                       "1 before it served; the old workers keep serving"),
-                               ("notify", "READY=1")])
-        self.assertEqual(master.generation, 1)
-        self.assertEqual(master.step(21.0), [])  # the old ones are the generation again
-
-    def test_a_stop_then_a_second_signal(self):
-        master = self.started()
-        master.did = []
-        master._on_signal(signal.SIGTERM, 30.0)
-        self.assertEqual(master.did, [("log", "SIGTERM: stopping gracefully"),
-                                      ("notify", "STOPPING=1"),
-                                      ("tell", 101, b"S"), ("tell", 102, b"S")])
-        master.did = []
-        master._on_signal(signal.SIGINT, 31.0)
-        self.assertEqual(master.did[1:], [("signal", 101, "SIGTERM"), ("signal", 101, "SIGINT"),
-                                          ("signal", 102, "SIGTERM"), ("signal", 102, "SIGINT")])
-        self.assertTrue(master.at_once)
-
-    def test_the_drawing_names_every_move_the_decisions_make(self):
-        drawing = wsgi_unix._Master.__doc__.split("every transition the code takes)::")[1]
-        for move in ("forked     --\"R\"", "forked     --told to stop", "serving    --\"Q\"",
-                     "serving    --told to stop", "replacing  --told to stop",
-                     "retiring   --kill_at passes", "any        --exits or dies"):
-            self.assertIn(move, drawing)
+    def test_public_names_have_docstrings(self):
+        for name in wsgi_unix.__all__:
+            self.assertTrue(getattr(wsgi_unix, name).__doc__, name)
 
 
-class SettingsCheckTests(unittest.TestCase):
-    """_checked(), which serve(), make_server() and WSGIServer share: no socket."""
+# --- §10 The example app ------------------------------------------------------------------
 
-    def test_each_bad_value_is_refused_naming_its_keyword(self):
-        for keywords, error, naming in [
-                ({"workers": 0}, ValueError, "workers=0"),
-                ({"max_requests": 0}, ValueError, "max_requests=0: must be above 0"),
-                ({"max_requests": 1.5}, TypeError, "max_requests must be a number"),
-                ({"max_requests_jitter": -1}, ValueError, "max_requests_jitter"),
-                ({"max_requests_jitter": 5}, ValueError, "goes with max_requests"),
-                ({"max_worker_memory": 0}, ValueError, "max_worker_memory"),
-                ({"max_worker_memory": "1G"}, TypeError, "max_worker_memory"),
-                ({"request_timeout": 0}, ValueError, "request_timeout=0"),
-                ({"request_timeout": float("inf")}, ValueError, "request_timeout"),
-                ({"request_timeout": True}, TypeError, "request_timeout")]:
-            with self.subTest(keywords=keywords):
-                with self.assertRaises(error) as caught:
-                    wsgi_unix._checked(dict(wsgi_unix.DEFAULTS, **keywords))
-                self.assertIn(naming, str(caught.exception))
-        fine = dict(wsgi_unix.DEFAULTS, max_requests=1000, max_requests_jitter=50,
-                    max_worker_memory=1 << 29, request_timeout=30)
-        self.assertIs(wsgi_unix._checked(fine), fine)
+class CGIOutputUnitTests(unittest.TestCase):
+    """The command app's CGI output parser (§9), on bytes."""
 
-    def test_recycling_keywords_are_serves_not_a_servers(self):
-        for name in wsgi_unix._RECYCLING:
-            with self.subTest(name=name):
-                with self.assertRaisesRegex(TypeError, f"{name} is serve"):
-                    wsgi_unix.WSGIServer("unused.sock", **{name: 5})
+    def test_status_lines(self):
+        # (what the command prints, the status that goes out; None: a 502)
+        table = [(b"Status: 201 Made\n\n", "201 Made"), (b"Status: 404\n\n", "404 Not Found"),
+                 (b"Status: 299\n\n", "299 Unknown"), (b"Status: 599 Odd\n\n", "599 Odd"),
+                 (b"Location: /x\n\n", "302 Found"), (b"Content-Type: a/b\n\n", "200 OK"),
+                 (b"Status: 100\n\n", None), (b"Status: 103 Early Hints\n\n", None),
+                 (b"Status: 600\n\n", None), (b"Status: OK\n\n", None), (b"no blank line", None)]
+        for output, status in table:
+            with self.subTest(output=output):
+                if status is None:
+                    with self.assertRaises(ValueError):
+                        wsgi_unix._parse_cgi_output(output)
+                else:
+                    self.assertEqual(wsgi_unix._parse_cgi_output(output)[0], status)
 
 
-class SocketWriterCutTests(unittest.TestCase):
-    """_SocketWriter.cut(), from the thread that finds a request past --request-timeout."""
+class CommandAppTests(ServerTestCase):
+    def serve_command(self, *command, options=(), env=None):
+        return self.start(*options, self.sock, "--", *command, env=env)
 
-    def pair(self):
-        ours, client = socket.socketpair()
-        ours.setblocking(False)
-        self.addCleanup(ours.close)
-        self.addCleanup(client.close)
-        return wsgi_unix._SocketWriter(ours, 5.0), client
+    def write_script(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + text)
+        os.chmod(path, 0o755)
+        return path
 
-    def read_all(self, client):
-        client.settimeout(DEADLINE)
-        chunks = []
-        while True:
-            chunk = client.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+    def test_the_command_gets_cgi_variables_and_no_secrets(self):
+        env = {"PATH": os.environ["PATH"], "SECRET_TOKEN": "hunter2-secret", "LANG": "C.UTF-8",
+               "LISTEN_FDS": "1"}
+        self.serve_command("env", options=["--pass-env", "LANG"], env=env)
+        status, _, body = get(self.sock, "/some/path?a=1&b=%41", headers={
+            "X-Custom": "yes", "X_Sneaky": "no", "Proxy": "http://evil:3128",
+            "Content-Type": "text/x-test"})
+        self.assertEqual(status, 200)
+        child = dict(line.split("=", 1) for line in body.decode().splitlines())
+        self.assertNotIn("hunter2-secret", body.decode())
+        self.assertNotIn("LISTEN_FDS", child)
+        expected = {"REQUEST_METHOD": "GET", "PATH_INFO": "/some/path", "QUERY_STRING": "a=1&b=%41",
+                    "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
+                    "SERVER_NAME": "localhost", "SERVER_PORT": "80", "REMOTE_ADDR": "",
+                    "SCRIPT_NAME": "", "CONTENT_TYPE": "text/x-test", "HTTP_X_CUSTOM": "yes",
+                    "LANG": "C.UTF-8", "PATH": os.environ["PATH"]}
+        for key, value in expected.items():
+            self.assertEqual(child.get(key), value, key)
+        self.assertTrue(child["SERVER_SOFTWARE"].startswith("wsgi_unix/"))
+        self.assertIn("HTTP_HOST", child)
+        self.assertNotIn("HTTP_X_SNEAKY", child)
+        self.assertNotIn("HTTP_PROXY", child)  # httpoxy
+        self.assertEqual(set(child) - set(expected) - {"SERVER_SOFTWARE", "HTTP_HOST",
+                                                       "HTTP_ACCEPT_ENCODING"}, set())
 
-    def test_before_anything_went_out_the_answer_goes_instead_and_later_writes_fail(self):
-        writer, client = self.pair()
-        self.assertTrue(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
-        with self.assertRaises(BrokenPipeError):
-            writer.write(b"HTTP/1.1 200 OK\r\n\r\nlate")
-        self.assertEqual(self.read_all(client), b"HTTP/1.1 504 Gateway Timeout\r\n\r\n")
+    def test_nul_in_the_request_is_refused_with_400(self):
+        self.serve_command("env")
+        self.assertEqual(get(self.sock, "/a%00b")[0], 400)
 
-    def test_after_the_head_went_out_it_is_only_closed(self):
-        writer, client = self.pair()
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst")
-        self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
-        with self.assertRaises(BrokenPipeError):
-            writer.write(b"more")
-        self.assertEqual(self.read_all(client), b"HTTP/1.1 200 OK\r\n\r\nfirst")
+    def test_shell_syntax_in_the_request_runs_nothing(self):
+        self.serve_command("printf", "%s|", "fixed", "args")
+        status, _, body = get(self.sock, "/$(touch%20pwned);touch%20pwned2?q=$(touch%20p3);`touch%20p4`",
+                              headers={"X-A": "$(touch pwned5); touch pwned6"})
+        self.assertEqual((status, body), (200, b"fixed|args|"))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.sock", "testapp.py"])
 
-    def test_during_a_write_it_does_not_split_it(self):
-        writer, client = self.pair()
-        with writer.lock:  # a write under way, in another thread
-            self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
-        self.assertEqual(self.read_all(client), b"")
+    def test_the_body_is_on_stdin_and_stdin_is_empty_without_one(self):
+        self.serve_command("cat")
+        self.assertEqual(get(self.sock, "/", "POST", body=b"posted data")[2], b"posted data")
+        self.assertEqual(get(self.sock, "/")[2], b"")
+        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
+                                                       b"3\r\nabc\r\n0\r\n\r\n"))
+        self.assertEqual(split_response(chunked)[0::2], (200, b"abc"))
+
+    def test_a_body_over_max_body_gets_413_without_running_the_command(self):
+        self.serve_command("sh", "-c", "touch ran; cat", options=["--max-body", "1K"])
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1025)[0], 413)
+        chunked = raw_request(self.sock, request_bytes("/", "POST", ["Transfer-Encoding: chunked"],
+                                                       b"401\r\n" + b"x" * 1025 + b"\r\n0\r\n\r\n"))
+        self.assertEqual(status_of(chunked), 413)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "ran")))
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x" * 1024)[2], b"x" * 1024)
+
+    def test_a_command_that_ignores_its_stdin_does_not_deadlock(self):
+        self.serve_command("echo", "ignored your body")
+        status, _, body = get(self.sock, "/", "POST", body=b"y" * (1 << 20))
+        self.assertEqual((status, body), (200, b"ignored your body\n"))
+
+    def test_failure_gives_500_naming_the_status_and_stderr_goes_to_the_log(self):
+        server = self.serve_command("sh", "-c", "echo out; echo 'first problem' >&2;"
+                                    "printf 'second\\033[31m' >&2; exit 7")
+        status, _, body = get(self.sock, "/job")
+        self.assertEqual(status, 500)
+        self.assertIn(b"status 7", body)
+        self.assertNotIn(b"problem", body)
+        self.assertEqual(server.wait_line("first problem"), "wsgi_unix: GET /job: first problem")
+        self.assertEqual(server.wait_line("second"), "wsgi_unix: GET /job: second\\x1b[31m")
+        # The reason goes to the operator too, with the request.
+        self.assertEqual(server.wait_line("exited with"),
+                         "wsgi_unix: GET /job: sh: the command exited with status 7")
+
+    def test_output_that_is_not_utf8_is_not_labelled_utf8(self):
+        self.serve_command("printf", "\\377\\376binary")
+        status, response, body = get(self.sock)
+        self.assertEqual((status, body), (200, b"\xff\xfebinary"))
+        self.assertEqual(response.getheader("Content-Type"), "application/octet-stream")
+
+    def test_unicode_line_separators_in_stderr_are_escaped_in_the_log(self):
+        # A log reader that splits on U+2028/U+2029 (str.splitlines does) could be fooled.
+        server = self.serve_command("sh", "-c", "printf 'real\\342\\200\\250forged\\342\\200\\251"
+                                    "line' >&2; exit 1")
+        self.assertEqual(get(self.sock, "/job")[0], 500)
+        self.assertEqual(server.wait_line("real"), "wsgi_unix: GET /job: real\\u2028forged\\u2029line")
+
+    def test_cgi_mode_takes_status_and_headers_from_the_output(self):
+        self.serve_command("printf", "Status: 404 Not Found\r\nContent-Type: text/html\r\n"
+                           "X-Script: yes\r\n\r\n<p>nope</p>", options=["--cgi"])
+        status, response, body = get(self.sock)
+        self.assertEqual((status, body), (404, b"<p>nope</p>"))
+        self.assertEqual(response.getheader("Content-Type"), "text/html")
+        self.assertEqual(response.getheader("X-Script"), "yes")
+        self.assertEqual(response.getheader("Content-Length"), "11")
+
+    def test_cgi_location_without_status_redirects(self):
+        self.serve_command("printf", "Location: /elsewhere\n\n", options=["--cgi"])
+        status, response, _ = get(self.sock)
+        self.assertEqual((status, response.getheader("Location")), (302, "/elsewhere"))
+
+    def test_cgi_malformed_headers_give_502(self):
+        for output in ["no blank line after this", "Bad Header Line\n\nbody", "Status: abc\n\n",
+                       "X-A: b\rc\n\n"]:
+            self.serve_command("printf", "%s", output, options=["--cgi"])
+            self.assertEqual(get(self.sock)[0], 502, output)
+            self.servers.pop().stop()
+
+    def test_too_much_output_gives_502_and_memory_stays_bounded(self):
+        server = self.serve_command("head", "-c", "20M", "/dev/zero")
+        self.assertEqual(get(self.sock)[0], 502)
+        self.assertLess(process_rss_kb(server.proc.pid) / 1024, 100)
+
+    def test_timeout_kills_the_whole_process_group_and_gives_504(self):
+        self.serve_command("sh", "-c", "sleep 300 & echo $! > grandchild; wait",
+                           options=["--command-timeout", "1"])
+        self.assertEqual(get(self.sock)[0], 504)
+        with open(os.path.join(self.dir, "grandchild")) as f:
+            grandchild = int(f.read())
+        wait_for(lambda: not process_alive(grandchild), "the grandchild to be killed")
+
+    def test_background_leftovers_are_killed_when_the_command_exits(self):
+        self.serve_command("sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!")
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 200)
+        wait_for(lambda: not process_alive(int(body)), "the leftover to be killed")
+
+    def test_a_missing_or_non_executable_command_fails_at_start_up(self):
+        self.assertOneLineError([self.sock, "--", "no-such-command-xyz"], 1, "command not found")
+        script = self.write_script("script.sh", "echo hi\n")
+        os.chmod(script, 0o644)
+        self.assertOneLineError([self.sock, "--", "./script.sh"], 1, "not executable")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_a_command_gone_since_start_up_gives_500_and_one_log_line(self):
+        script = self.write_script("script.sh", "echo hi\n")
+        server = self.serve_command(script)
+        self.assertEqual(get(self.sock)[0:3:2], (200, b"hi\n"))
+        os.unlink(script)  # e.g. mid-upgrade
+        for _ in range(2):
+            status, _, body = get(self.sock)
+            self.assertEqual((status, body), (500, b"500 Internal Server Error: the command could "
+                                                   b"not be started\n"))
+        self.assertIn("cannot start", server.wait_line("cannot start"))
+        self.assertNotIn("Traceback", server.log())
+
+    def test_methods_are_limited_and_head_runs_without_a_body(self):
+        self.serve_command("echo", "hello")
+        status, response, _ = get(self.sock, "/", "PUT", body=b"x")
+        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD, POST"))
+        answer = raw_request(self.sock, request_bytes("/", "HEAD"))
+        status, head, body = split_response(answer)
+        self.assertEqual((status, body), (200, b""))
+        self.assertIn("Content-Length: 6", head)
+        self.servers.pop().stop()
+        self.serve_command("echo", "put ok", options=["--methods", "GET,PUT"])
+        self.assertEqual(get(self.sock, "/", "PUT", body=b"x")[0:3:2], (200, b"put ok\n"))
+        self.assertEqual(get(self.sock, "/", "POST", body=b"x")[0], 405)
+
+    def test_max_procs_bounds_the_commands_running_at_once(self):
+        self.assert_commands_at_once_at_most(2, "--max-procs", "2", least=2)
+
+    def test_max_procs_is_each_workers(self):
+        # As --help and the README say: with --workers 2, twice as many in all.
+        self.assert_commands_at_once_at_most(2, "--max-procs", "1", "--workers", "2", least=1)
+
+    def assert_commands_at_once_at_most(self, most, *options, least):
+        events = os.path.join(self.dir, "events")
+        self.serve_command("sh", "-c", f"echo + >> {events}; sleep 0.2; echo - >> {events}",
+                           options=list(options))
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(get(self.sock)[0]))
+                   for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+        self.assertEqual(results, [200] * 10)
+        running = peak = 0
+        with open(events) as f:
+            for event in f.read().split():
+                running += 1 if event == "+" else -1
+                peak = max(peak, running)
+        self.assertLessEqual(peak, most)
+        self.assertGreaterEqual(peak, least)
+
+    def test_a_request_waiting_longer_than_the_timeout_for_its_turn_gets_503(self):
+        started = os.path.join(self.dir, "started")
+        self.serve_command("sh", "-c", f"trap '' TERM; touch {started}; sleep 5",
+                           options=["--max-procs", "1", "--command-timeout", "1"])
+        first = unix_connection(self.sock)
+        self.addCleanup(first.close)
+        first.request("GET", "/")
+        wait_for(lambda: os.path.exists(started), "the first command to start")
+        self.assertEqual(get(self.sock)[0], 503)
+        self.assertEqual(first.getresponse().status, 504)
+
+    def test_a_client_that_goes_away_gets_its_command_killed(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        client.close()
+        wait_for(lambda: not process_alive(pid), "the command to be killed")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be reaped")
+        self.assertNotIn("Traceback", server.log())
+
+    def test_a_setsid_daemon_of_a_command_is_killed_at_the_timeout(self):
+        pidfile = os.path.join(self.dir, "pid")
+        self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300",
+                           options=["--command-timeout", "1"])
+        self.assertEqual(get(self.sock)[0], 504)
+        daemon = wait_for(lambda: read_pid(pidfile), "the daemon's pid")
+        wait_for(lambda: not os.path.exists(f"/proc/{daemon}"), "the setsid daemon to be killed")
+
+    def test_a_command_that_exits_is_answered_though_a_child_holds_its_output(self):
+        pidfile = os.path.join(self.dir, "pid")
+        self.serve_command("sh", "-c", f"echo hello; sleep 300 & echo $! > {pidfile}",
+                           options=["--command-timeout", "20"])
+        started = time.monotonic()
+        self.assertEqual(get(self.sock)[0::2], (200, b"hello\n"))  # not 504 after 20 s
+        self.assertLess(time.monotonic() - started, 5.0)
+        child = read_pid(pidfile)
+        wait_for(lambda: not process_alive(child), "the background child to be killed")
+
+    def test_a_commands_stderr_is_capped_in_the_log(self):
+        # One 3 s request wrote 23.7 MB of log.
+        server = self.serve_command("sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' 'e' >&2; "
+                                    "echo out")
+        self.assertEqual(get(self.sock)[0::2], (200, b"out\n"))
+        line = server.wait_line("more bytes of stderr, not logged")
+        dropped = int(line.split("(and ")[1].split()[0])
+        self.assertEqual(len(server.log()) < 200000, True)
+        self.assertGreater(dropped, 1000000 - wsgi_unix.COMMAND_LOG_MAX - 1)
+
+    def test_a_client_that_half_closes_after_its_request_gets_its_answer(self):
+        # nc -N and socat shut their sending side once the request is out: that is no leaving.
+        self.serve_command("sh", "-c", "sleep 0.2; echo done")
+        for _ in range(3):
+            with connect(self.sock) as sock:
+                sock.sendall(request_bytes("/"))
+                sock.shutdown(socket.SHUT_WR)
+                self.assertEqual(Responses(sock).next()[1::2], (200, b"done\n"))
+
+    def test_a_client_that_leaves_after_sending_more_gets_its_command_killed(self):
+        pidfile = os.path.join(self.dir, "pid")
+        server = self.serve_command("sh", "-c", f"echo $$ > {pidfile}; exec sleep 300")
+        client = connect(self.sock)
+        client.sendall(request_bytes("/", close=False))
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        client.sendall(b"\r\n")  # stray bytes after the request: not a sign of life for ever
+        client.close()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the command to be killed")
+        server.wait_line('"GET / HTTP/1.1" 499 ')  # one access-log line: no answer written
+        self.assertEqual(len(server.log().splitlines()), 2, server.log())
+
+    def assert_no_command_outlives_the_server(self, *options):
+        pidfile, daemonfile = os.path.join(self.dir, "pid"), os.path.join(self.dir, "daemon")
+        server = self.serve_command("sh", "-c", f"setsid sleep 300 & echo $! > {daemonfile}; "
+                                    f"echo $$ > {pidfile}; exec sleep 300",
+                                    options=["--graceful-timeout", "1", *options])
+        client = unix_connection(self.sock)
+        client.request("GET", "/")
+        pid = wait_for(lambda: read_pid(pidfile), "the command to start")
+        daemon = read_pid(daemonfile)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        wait_for(lambda: not process_alive(pid), "the command to die with the server")
+        wait_for(lambda: not process_alive(daemon), "the setsid daemon to die with the server")
+        client.close()
+
+    def test_no_command_nor_its_setsid_daemon_outlives_the_server(self):
+        self.assert_no_command_outlives_the_server()
+
+    def test_nor_one_of_a_worker_process(self):
+        # A worker is forked: it must become the subreaper itself, and run the command app's
+        # atexit kill when it ends.
+        self.assert_no_command_outlives_the_server("--workers", "2")
+
+    def test_readme_status_page_webhook_and_cgi_status(self):
+        # The three uses the README shows, as it shows them.
+        self.serve_command("uptime")
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 200)
+        self.assertIn(b"load average", body)
+        self.servers.pop().stop()
+        self.write_script("deploy.sh", 'echo "Content-Type: text/plain"\necho\n'
+                                       'echo "deploying $(cat | wc -c) bytes of payload"\n')
+        self.serve_command("./deploy.sh", options=["--cgi", "--methods", "POST"])
+        self.assertEqual(get(self.sock)[0], 405)  # a plain curl deploys nothing
+        self.assertEqual(get(self.sock, "/", "POST", body=b'{"ref": "main"}')[0::2],
+                         (200, b"deploying 15 bytes of payload\n"))
+        self.servers.pop().stop()
+        self.write_script("status.sh", 'if [ "$QUERY_STRING" = "name=world" ]; then\n'
+                                       '  printf "Content-Type: text/plain\\n\\nhello, world\\n"\n'
+                                       'else\n'
+                                       '  printf "Status: 404 Not Found\\nContent-Type: text/plain\\n\\n'
+                                       'who?\\n"\nfi\n')
+        self.serve_command("./status.sh", options=["--cgi"])
+        self.assertEqual(get(self.sock, "/?name=world")[0::2], (200, b"hello, world\n"))
+        self.assertEqual(get(self.sock, "/?name=x")[0::2], (404, b"who?\n"))
+
+
+# --- §11 The command line -----------------------------------------------------------------
+
+class CommandLineTests(ServerTestCase):
+    def test_default_command_serves_the_date(self):
+        self.start(self.sock)
+        status, response, body = get(self.sock)
+        self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
+        self.assertIn(b"UTC", body)
+
+    def test_it_also_runs_as_a_module_from_its_directory(self):
+        # python3 -m wsgi_unix: the README's way to start from cached bytecode
+        shutil.copy(SERVER, self.dir)
+        self.start(command=[sys.executable, "-m", "wsgi_unix", "--app", "testapp:app", self.sock])
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_command_failure_gives_500(self):
+        self.start(self.sock, "--", "sh", "-c", "echo partial; exit 3")
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 500)
+        self.assertIn(b"status 3", body)
+
+    def test_request_data_never_reaches_a_shell_or_argv(self):
+        self.start(self.sock, "--", "echo", "fixed")
+        status, _, body = get(self.sock, "/$(touch%20pwned);touch%20pwned2?$(touch%20pwned3);x`touch%20pwned4`")
+        self.assertEqual((status, body), (200, b"fixed\n"))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.sock", "testapp.py"])
+
+    def test_missing_command_is_found_at_start_up(self):
+        self.assertOneLineError([self.sock, "--", "no-such-command-xyz"], 1, "command not found")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_app_import_error_is_one_line_and_status_1(self):
+        self.assertOneLineError(["--app", "nosuchmodule:app", self.sock], 1, "nosuchmodule")
+        self.assertOneLineError(["--app", "testapp:nothing", self.sock], 1, "testapp:nothing")
+        # A file name, a misspelt name: the right spelling.
+        self.assertOneLineError(["--app", "testapp.py:app", self.sock], 1,
+                                "the module of testapp.py is testapp: --app testapp:app")
+        self.assertOneLineError(["--app", "testapp:ap", self.sock], 1,
+                                "testapp has no ap; did you mean testapp:app?")
+
+    def test_an_app_that_fails_to_import_shows_its_own_traceback(self):
+        with open(os.path.join(self.dir, "broken.py"), "w") as f:
+            f.write("import os\n\nDATABASE = os.environ['DATABASE_URL']\n")
+        code, lines = self.run_cli("--app", "broken:app", self.sock)
+        self.assertEqual(code, 1, lines)
+        text = "\n".join(lines)
+        self.assertIn('broken.py", line 3, in <module>', text)
+        self.assertIn("KeyError: 'DATABASE_URL'", text)
+        self.assertNotIn("wsgi_unix.py", text)  # the app's frames, not ours
+        self.assertEqual(lines[-1], "wsgi_unix: --app broken:app: importing broken failed (its "
+                                    "traceback is above)")
+        self.assertFalse(os.path.lexists(self.sock))
+
+    def test_an_app_factory_is_called_once_with_literal_arguments(self):
+        with open(os.path.join(self.dir, "factory.py"), "w") as f:
+            f.write("calls = []\n"
+                    "def create_app(greeting, punctuation='!'):\n"
+                    "    calls.append(1)\n"
+                    "    def app(environ, start_response):\n"
+                    "        start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                    "        return [('%s%s %d' % (greeting, punctuation, len(calls))).encode()]\n"
+                    "    return app\n"
+                    "def make():\n"
+                    "    return create_app('made')\n")
+        self.start("--app", "factory:create_app('hello', punctuation='?')", self.sock)
+        self.assertEqual(get(self.sock)[2], b"hello? 1")
+        self.assertEqual(get(self.sock)[2], b"hello? 1")  # once, not per request
+        other = os.path.join(self.dir, "other.sock")
+        self.assertOneLineError(["--app", "factory:make", other], 1,
+                                "is it a factory? write --app 'factory:make()'")
+        self.assertOneLineError(["--app", "factory:create_app(__import__('os'))", other], 1,
+                                "must be literals")
+        self.assertFalse(os.path.lexists(other))
+
+    def test_usage_errors_exit_2_and_help_and_version_exit_0(self):
+        self.assertOneLineError([], 2, "ADDRESS")
+        self.assertOneLineError(["--threads", "0", self.sock], 2, "--threads")
+        self.assertOneLineError(["--workers", "0", self.sock], 2, "--workers")
+        self.assertOneLineError(["--workers", "1.5", self.sock], 2, "--workers")
+        self.assertOneLineError(["--mode", "999", self.sock], 2, "--mode")
+        self.assertOneLineError(["--timeout", "nan", self.sock], 2, "--timeout")
+        self.assertOneLineError(["--graceful-timeout", "inf", self.sock], 2, "--graceful-timeout")
+        self.assertOneLineError(["--group", "4294967296", self.sock], 1, "out of range")
+        self.assertOneLineError(["--allow-uid", "4294967295", self.sock], 1, "out of range")
+        self.assertFalse(os.path.lexists(self.sock))  # refused before the socket was made
+        self.assertOneLineError(["--app", "testapp:app", self.sock, "--", "date"], 2, "not both")
+        result = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("ADDRESS", result.stdout)
+        result = subprocess.run([sys.executable, SERVER, "--version"], capture_output=True, text=True)
+        self.assertEqual((result.returncode, result.stdout.strip()),
+                         (0, f"wsgi_unix {wsgi_unix.__version__}"))
+
+    def test_addresses_typed_from_habit_get_the_right_spelling(self):
+        for typed, right in (("http://localhost:8000", "write localhost:8000"),
+                             ("https://127.0.0.1:8443/", "write 127.0.0.1:8443"),
+                             ("unix://app.sock", "write unix:app.sock"),
+                             ("8000", "127.0.0.1:8000"), ("localhost", "./localhost")):
+            self.assertOneLineError([typed], 2, right)
+        self.assertEqual([name for name in os.listdir(self.dir) if not name.endswith(".py")], [])
+        # An unknown option is named, not the address after it.
+        line = self.assertOneLineError(["--bind", "2", self.sock], 2, "unknown option --bind")
+        self.assertNotIn(self.sock, line)
+        # gunicorn's habits get the spelling here.
+        for typed, right in ((["-b", "unix:/run/app.sock", "--app", "app:application"],
+                              "the address is the last argument"),
+                             (["-w", "4", self.sock], "say --workers N"),
+                             (["--reload", self.sock], "SIGHUP loads the new code"),
+                             (["app:application"], "--app app:application /run/app/app.sock"),
+                             (["myproject.wsgi:application"], "--app myproject.wsgi:application"),
+                             ([self.sock, "uptime"], "-- uptime")):
+            with self.subTest(typed=typed):
+                self.assertOneLineError(typed, 2, right)
+
+    def test_command_app_options_with_app_are_usage_errors(self):
+        for option in (["--cgi"], ["--pass-env", "HOME"], ["--max-body", "2M"],
+                       ["--max-output", "1M"], ["--command-timeout", "5"], ["--methods", "GET"],
+                       ["--max-procs", "2"]):
+            self.assertOneLineError(option + ["--app", "testapp:app", self.sock], 2,
+                                    f"{option[0]} is for the command app")
+
+    def test_pass_env_takes_a_comma_list(self):
+        self.start(self.sock, "--pass-env", "API_TOKEN,HOME", "--", "sh", "-c",
+                   'echo "$API_TOKEN $HOME"',
+                   env={"PATH": os.environ["PATH"], "API_TOKEN": "t0k", "HOME": "/h"})
+        self.assertEqual(get(self.sock)[0::2], (200, b"t0k /h\n"))
+
+    def test_group_without_mode_makes_the_socket_usable_by_that_group(self):
+        self.start_app("--group", str(os.getgid()), self.sock)
+        self.assertEqual(stat.S_IMODE(os.lstat(self.sock).st_mode), 0o660)
+
+    def test_quiet_drops_the_access_log(self):
+        server = self.start_app("--quiet", self.sock)
+        self.assertEqual(get(self.sock)[0], 200)
+        server.signal(signal.SIGTERM)
+        server.wait()
+        self.assertEqual(server.log().splitlines(),
+                         [f"wsgi_unix: serving on unix:{self.sock}{MODE_600_OURS}",
+                          "wsgi_unix: SIGTERM: stopping gracefully"])
 
 
 class HealthCheckTests(ServerTestCase):
@@ -5054,6 +4835,132 @@ class HealthCheckTests(ServerTestCase):
         self.assertEqual(self.check("fd:3")[0], 1)
 
 
+# --- Where it lives: nginx, proxies, systemd, containers, frameworks ----------------------
+
+class NginxTests(NginxCase):
+    def test_requests_pass_through_nginx_intact(self):
+        self.assertEqual(self.fetch("GET", "/")[0::2], (200, b"hello\n"))
+        status, response, body = self.fetch("HEAD", "/")
+        self.assertEqual((status, body, response.getheader("Content-Length")), (200, b"", "6"))
+        payload = os.urandom(5 * 1024 * 1024)
+        self.assertEqual(self.fetch("POST", "/echo", payload)[0::2], (200, payload))
+        self.assertEqual(self.fetch("GET", "/error")[0], 500)
+        self.assertEqual(self.fetch("GET", "/no/such/page")[0], 404)
+        size = 4 * 1024 * 1024  # far beyond proxy_buffers: nginx spools it to disk
+        status, _, body = self.fetch("GET", f"/big?{size}")
+        self.assertEqual((status, len(body)), (200, size))
+        self.assertEqual(body[65536 * 7:65536 * 7 + 3], bytes([7]) * 3)
+
+    def test_nginx_keeps_its_connections_to_the_socket(self):
+        for _ in range(50):
+            self.assertEqual(self.fetch("GET", "/count-connections")[0], 200)
+        # One connection per request without keep-alive; here nginx reuses a few.
+        self.assertLessEqual(int(self.fetch("GET", "/count-connections")[2]), 4)
+
+    def test_a_truncated_response_is_neither_completed_nor_cached(self):
+        cache = {"X-Test-Cache": "1"}
+        for _ in range(2):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
+            conn.request("GET", "/stream-error?100000", headers=cache)
+            response = conn.getresponse()
+            self.assertEqual(response.getheader("X-Cache"), "MISS")  # never a HIT
+            with self.assertRaises(http.client.IncompleteRead):
+                response.read()
+            conn.close()
+        with open(self.error_log) as f:
+            self.assertIn("upstream prematurely closed", f.read())
+        # The same response, whole, is cached: the cache works, it just never had the other.
+        self.assertEqual(self.fetch("GET", "/stream?100000", headers=cache)[1].getheader("X-Cache"),
+                         "MISS")
+        status, response, body = self.fetch("GET", "/stream?100000", headers=cache)
+        self.assertEqual((status, response.getheader("X-Cache"), len(body)), (200, "HIT", 100000))
+
+    def test_a_fragment_cannot_sneak_past_an_nginx_location_rule(self):
+        # nginx routes on the path before "#", and passes the raw target on: /public#/../admin
+        # would reach the app, whose PATH_INFO normalises to /admin.  We refuse it.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as sock:
+            sock.sendall(b"GET /public#/../admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            answer = Responses(sock).rest()
+        self.assertEqual(status_of(answer), 400)
+        self.assertEqual(self.fetch("GET", "/admin/x")[0], 403)  # the rule nginx enforces
+        self.assertNotIn('"GET /public#/../admin HTTP/1.1" 200', self.server.log())
+        self.server.wait_line('"GET /public#/../admin HTTP/1.1" 400')
+
+    def test_the_client_address_and_scheme_come_from_nginx(self):
+        environ = json.loads(self.fetch("GET", "/env", headers={"X-Forwarded-For": "6.6.6.6"})[2])
+        self.assertEqual(environ["REMOTE_ADDR"], "127.0.0.1")  # what nginx appended, not the spoof
+        self.assertEqual(environ["HTTP_X_FORWARDED_FOR"], "6.6.6.6, 127.0.0.1")
+        self.assertEqual(environ["wsgi.url_scheme"], "http")
+
+    def test_fifty_concurrent_requests_get_no_502(self):
+        statuses = []
+
+        def one():
+            try:
+                statuses.append(self.fetch("GET", "/")[0])
+            except OSError as exc:
+                statuses.append(repr(exc))
+        run_together(one, 50)
+        self.assertEqual(statuses, [200] * 50)
+        with open(self.error_log) as f:
+            self.assertNotIn("connect() to unix:", f.read())
+
+
+class DebianNginxTests(ServerTestCase):
+    """The README's site file in a copy of the nginx package's own /etc/nginx, next to its
+    default site: with the stock configuration, not a minimal one."""
+
+    def test_the_readme_site_works_beside_the_stock_default_site(self):
+        nginx = require_tool(self, "nginx")
+        if not os.path.exists("/etc/nginx/sites-available/default"):
+            if os.environ.get("CI"):
+                self.fail("no stock /etc/nginx; .ci/run installs Debian's nginx")
+            self.skipTest("no stock /etc/nginx here")
+        port, etc = free_port(), os.path.join(self.dir, "etc-nginx")
+        shutil.copytree("/etc/nginx", etc, symlinks=True)
+        os.mkdir(os.path.join(self.dir, "static"))
+        with open(os.path.join(self.dir, "static", "style.css"), "w") as f:
+            f.write("body {}\n")
+        conf = os.path.join(etc, "nginx.conf")
+        with open(conf) as f:
+            text = f.read()
+        # Only the paths move into the copy (and the logs and pid into the test's directory).
+        text = text.replace("/etc/nginx/", etc + "/").replace("/run/nginx.pid",
+                                                                 os.path.join(etc, "nginx.pid"))
+        text = text.replace("/var/log/nginx/", self.dir + "/")
+        with open(conf, "w") as f:
+            f.write(text)
+        default = os.path.join(etc, "sites-enabled", "default")
+        os.unlink(default)  # a link to the real one
+        with open("/etc/nginx/sites-available/default") as f:
+            text = f.read().replace("listen 80 default_server;",
+                                    f"listen 127.0.0.1:{port} default_server;")
+        with open(default, "w") as f:
+            f.write(text.replace("listen [::]:80 default_server;", ""))
+        with open(os.path.join(etc, "sites-available", "app"), "w") as f:
+            f.write(readme_site(self.sock, port, os.path.join(self.dir, "static")))
+        os.symlink("../sites-available/app", os.path.join(etc, "sites-enabled", "app"))
+        check = subprocess.run([nginx, "-t", "-c", conf, "-e", os.path.join(self.dir, "e.log")],
+                               capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stderr)
+        proc = subprocess.Popen([nginx, "-c", conf, "-e", os.path.join(self.dir, "e.log"),
+                                 "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait, DEADLINE)
+        self.addCleanup(proc.terminate)
+        self.start("--group", "www-data", "--proxy-headers", "--app", "testapp:app", self.sock)
+
+        def fetch(host, url="/"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+            return exchange(conn, "GET", url, headers={"Host": host})
+        wait_for(lambda: proc.poll() is not None or connectable_tcp(port), "nginx to listen")
+        self.assertEqual(fetch("app.example.com")[0::2], (200, b"hello\n"))
+        self.assertEqual(fetch("app.example.com", "/static/style.css")[0::2], (200, b"body {}\n"))
+        status, _, body = fetch("localhost")  # any other name: the package's default site
+        self.assertEqual(status, 200)
+        self.assertIn(b"nginx", body)
+        self.assertNotEqual(body, b"hello\n")
+
+
 class WorkerNginxTests(NginxCase):
     server_args = ("--workers", "2")
 
@@ -5075,6 +4982,310 @@ class WorkerNginxTests(NginxCase):
         self.assertTrue(children(self.server.proc.pid).isdisjoint(pids))
         with open(self.error_log) as f:
             self.assertNotIn("[error]", f.read())
+
+
+class ProxyHeaderTests(ServerTestCase):
+    HEADERS = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7", "X-Forwarded-Proto": "https"}
+
+    def environ_via(self, target, headers):
+        request = request_bytes("/env", headers=[f"{k}: {v}" for k, v in headers.items()])
+        return json.loads(split_response(raw_request(target, request))[2])
+
+    def test_proxy_headers_from_a_unix_peer_set_remote_addr_and_scheme(self):
+        self.start_app("--proxy-headers", self.sock)
+        environ = self.environ_via(self.sock, self.HEADERS)
+        self.assertEqual(environ["REMOTE_ADDR"], "198.51.100.7")
+        self.assertEqual(environ["wsgi.url_scheme"], "https")
+        self.assertEqual(environ["HTTP_X_FORWARDED_FOR"], self.HEADERS["X-Forwarded-For"])
+        environ = self.environ_via(self.sock, {"X-Forwarded-Proto": "gopher"})
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("", "http"))
+
+    def test_proxy_headers_are_ignored_unless_asked_for(self):
+        self.start_app()
+        environ = self.environ_via(self.sock, self.HEADERS)
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("", "http"))
+
+    def test_a_spoofed_header_from_an_untrusted_tcp_peer_changes_nothing(self):
+        server = self.start_app("--proxy-headers", "127.0.0.1:0")
+        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
+        environ = self.environ_via(target, self.HEADERS)
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("127.0.0.1", "http"))
+        server.stop()
+        server = self.start_app("--proxy-headers", "--forwarded-allow-ips", "10.9.9.9,127.0.0.1",
+                                "127.0.0.1:0")
+        target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
+        environ = self.environ_via(target, self.HEADERS)
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]),
+                         ("198.51.100.7", "https"))
+
+    def test_forwarded_allow_ips_needs_proxy_headers(self):
+        self.assertOneLineError(["--forwarded-allow-ips", "127.0.0.1", self.sock], 2,
+                                "--proxy-headers")
+
+    def test_forwarded_allow_ips_takes_addresses_only(self):
+        # A network or a name would silently match no peer: refuse it instead.
+        for wrong in ("10.0.0.0/8", "*", "proxy.example", "127.0.0.1,"):
+            self.assertOneLineError(["--proxy-headers", "--forwarded-allow-ips", wrong, self.sock],
+                                    2, "is not an IP address")
+
+    def test_an_ipv4_proxy_on_a_dual_stack_socket_is_trusted_by_its_ipv4_address(self):
+        server = self.start_app("--proxy-headers", "--forwarded-allow-ips", "127.0.0.1", "[::]:0")
+        port = int(server.wait_ready().rsplit(":", 1)[1])
+        environ = self.environ_via(("127.0.0.1", port), self.HEADERS)  # arrives as ::ffff:127.0.0.1
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]),
+                         ("198.51.100.7", "https"))
+        environ = self.environ_via(("::1", port), self.HEADERS)  # not on the list
+        self.assertEqual((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]), ("::1", "http"))
+
+    def test_script_name_mounts_the_app_under_a_prefix(self):
+        self.start_app("--script-name", "/app", self.sock)
+        environ = json.loads(get(self.sock, "/app/env?x=1")[2])
+        self.assertEqual((environ["SCRIPT_NAME"], environ["PATH_INFO"], environ["QUERY_STRING"]),
+                         ("/app", "/env", "x=1"))
+        for outside in ("/", "/other/env", "/application/env"):
+            self.assertEqual(get(self.sock, outside)[0], 404, outside)
+        self.assertOneLineError(["--script-name", "app/", self.sock], 2, "/prefix")
+
+
+class SystemdTests(ServerTestCase):
+    def test_socket_activation_under_systemd_socket_activate(self):
+        activate = require_tool(self, "systemd-socket-activate")
+        server = self.start(ready=False, command=[activate, "-l", self.sock, sys.executable,
+                                                  SERVER, "--app", "testapp:app", "fd:3"])
+        # (Its socket file exists from bind(), a moment before listen(): connect to it.)
+        wait_for(lambda: connectable(self.sock), "systemd-socket-activate to listen")
+        self.assertEqual(get(self.sock)[0], 200)  # the first connection starts the service
+        self.assertIn("serving on fd:3", server.wait_ready())
+        variables = json.loads(get(self.sock, "/osenv")[2])
+        self.assertNotIn("LISTEN_FDS", variables)
+        self.assertNotIn("LISTEN_PID", variables)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock).st_mode))  # systemd's, not ours
+
+    def notify_listener(self, address):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(address)
+        listener.settimeout(DEADLINE)
+        self.addCleanup(listener.close)
+        return listener
+
+    def test_type_notify_gets_ready_and_stopping(self):
+        for name in (os.path.join(self.dir, "notify"), f"@wsgi_unix-notify-{os.getpid()}"):
+            listener = self.notify_listener(name if name[0] != "@" else "\0" + name[1:])
+            server = self.start_app(env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": name})
+            self.assertEqual(listener.recv(100), b"READY=1")
+            server.signal(signal.SIGTERM)
+            self.assertEqual(listener.recv(100), b"STOPPING=1")
+            self.assertEqual(server.wait(), 0)
+
+    def test_readme_units_verify_and_their_command_serves(self):
+        analyze = require_tool(self, "systemd-analyze")
+        activate = require_tool(self, "systemd-socket-activate")
+        units = os.path.join(self.dir, "units")
+        os.mkdir(units)
+        socket_unit = readme_block("ini", "ListenStream=")
+        service_unit = readme_block("ini", "ExecStart=")
+        # The units as written, with /opt/app where the test keeps the app (and its venv).
+        opt_app = os.path.join(self.dir, "opt-app")
+        os.makedirs(os.path.join(opt_app, "venv", "bin"))
+        os.symlink(sys.executable, os.path.join(opt_app, "venv", "bin", "python"))
+        for name, text in (("app.socket", socket_unit), ("app.service", service_unit)):
+            with open(os.path.join(units, name), "w") as f:
+                f.write(text.replace("/opt/app", opt_app))
+        result = subprocess.run([analyze, "verify", "app.socket", "app.service"], cwd=units,
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("SocketMode=0660", socket_unit)
+        self.assertIn("SocketGroup=www-data", socket_unit)
+        # Run the service's command as systemd would: the socket as fd 3, NOTIFY_SOCKET set.
+        self.assertIn("StateDirectory=app", service_unit)  # a writable place under DynamicUser
+        shutil.copy(SERVER, opt_app)
+        with open(os.path.join(opt_app, "app.py"), "w") as f:
+            f.write("def application(environ, start_response):\n"
+                    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                    "    return [b'from the unit\\n']\n")
+        command = [line.split("=", 1)[1] for line in service_unit.splitlines()
+                   if line.startswith("ExecStart=")][0].replace("/opt/app", opt_app).split()
+        command[0] = sys.executable if not os.path.exists(command[0]) else command[0]
+        notify = self.notify_listener(os.path.join(self.dir, "notify"))
+        server = Server([activate, "-l", self.sock, "-E", "NOTIFY_SOCKET=" +
+                         os.path.join(self.dir, "notify")] + command, opt_app)
+        self.servers.append(server)
+        wait_for(lambda: os.path.exists(self.sock), "the socket")
+        self.assertEqual(get(self.sock)[0::2], (200, b"from the unit\n"))
+        self.assertEqual(notify.recv(100), b"READY=1")
+
+
+class FrameworkTests(ServerTestCase):
+    """What real WSGI apps do, each done by the test app."""
+
+    def test_wsgi_input_read_in_pieces(self):
+        self.start_app()
+        payload = os.urandom(300000)
+        self.assertEqual(get(self.sock, "/stream-echo", "POST", body=payload)[2], payload)
+
+    def test_file_wrapper_is_sent_with_sendfile(self):
+        self.start_app()
+        path = os.path.join(self.dir, "served.txt")
+        with open(path, "wb") as f:
+            f.write(b"0123456789" * 100000)
+        status, response, body = get(self.sock, f"/file?{path}")
+        self.assertEqual((status, body), (200, b"0123456789" * 100000))
+        self.assertEqual(response.getheader("Content-Length"), "1000000")
+        answer = raw_request(self.sock, request_bytes(f"/file?{path}", "HEAD"))
+        self.assertEqual(split_response(answer)[0::2], (200, b""))
+        self.assertEqual(get(self.sock, "/pipe")[0::2], (200, b"through a pipe\n"))  # not sendfile
+
+    def test_write_from_start_response_and_exc_info(self):
+        self.start_app()
+        self.assertEqual(get(self.sock, "/write")[0::2], (200, b"written, then returned\n"))
+        self.assertEqual(get(self.sock, "/exc-info")[0::2], (503, b"sorry\n"))
+
+    def test_the_readme_dockerfile_cmd_serves_as_its_user(self):
+        dockerfile = readme_block("dockerfile", "CMD")
+        self.assertIn("COPY wsgi_unix.py app.py requirements.txt ./", dockerfile)
+        self.assertIn("USER 1000:101", dockerfile)
+        command = json.loads(dockerfile.split("\nCMD ", 1)[1].split("\n", 1)[0])
+        app_dir, run_dir = os.path.join(self.dir, "app"), os.path.join(self.dir, "run-app")
+        for directory in (app_dir, run_dir):
+            os.mkdir(directory)
+        os.chown(run_dir, 1000, 101)  # as the RUN line does for /run/app
+        shutil.copy(SERVER, app_dir)
+        with open(os.path.join(app_dir, "app.py"), "w") as f:
+            f.write("def application(environ, start_response):\n"
+                    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                    "    return [b'in a container\\n']\n")
+        python = python_for_nobody()
+        command = [python if arg == "python" else arg.replace("/run/app", run_dir) for arg in command]
+
+        def as_container_user():
+            os.setgid(101)
+            os.setgroups([])
+            os.setuid(1000)
+        server = Server(command, app_dir, env={"PATH": os.environ["PATH"]},
+                        preexec_fn=as_container_user)
+        self.servers.append(server)
+        server.wait_ready()
+        sock = os.path.join(run_dir, "app.sock")
+        self.assertEqual(get(sock)[0::2], (200, b"in a container\n"))
+        info = os.lstat(sock)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, 101))
+        # The HEALTHCHECK, and the Kubernetes pod's probes, which run in the same image.
+        health = dockerfile.split("\nHEALTHCHECK ", 1)[1].split("\n", 1)[0]
+        pod = readme_block("yaml", "kind: Pod")
+        probes = [json.loads(health.split(" CMD ", 1)[1])] + [
+            json.loads(line.split("command:", 1)[1]) for line in pod.splitlines()
+            if "command:" in line]
+        self.assertEqual(len(probes), 3)
+
+        def probe(command):
+            return subprocess.run(
+                [python if arg == "python" else arg.replace("/run/app", run_dir)
+                 for arg in command], cwd=app_dir, env={"PATH": os.environ["PATH"]},
+                preexec_fn=as_container_user, capture_output=True, text=True, timeout=DEADLINE)
+        for command in probes:
+            result = probe(command)
+            self.assertEqual((result.returncode, result.stderr), (0, ""), command)
+        # Both containers mount the socket's volume where the probes and the site look.
+        self.assertEqual(pod.count("- {name: run-app, mountPath: /run/app}"), 2)
+        self.assertIn("server unix:/run/app/app.sock;", readme_block("nginx", "proxy_http_version"))
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        result = probe(probes[0])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("no such socket", result.stderr)
+
+    def test_help_and_the_readme_list_the_same_options(self):
+        import re
+        text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True,
+                              text=True).stdout
+        in_help = set(re.findall(r"^\s+(--[a-z-]+)", text, re.M)) - {"--help", "--version"}
+        with open(os.path.join(HERE, "README.md")) as f:
+            rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
+        self.assertEqual(in_help, set(re.findall(r"`(--[a-z-]+)", "\n".join(rows))))
+        # Each setting's row is the settings table's: option, default, help.
+        for setting in wsgi_unix._SETTINGS:
+            name = setting["option"] + (" " + setting["metavar"] if setting["metavar"] else "")
+            self.assertIn("| `%s` | %s | %s |" % (name.replace("|", "\\|"), setting["shown"],
+                                                  setting["help"]), rows)
+
+    def test_as_pid_1_it_says_to_run_with_an_init(self):
+        # As PID 1 (a container's first process) orphans of the app's subprocesses became
+        # zombies for good (200 after 200 requests); the README says docker run --init.
+        require_tool(self, "unshare")
+        server = self.start(command=["unshare", "--pid", "--fork", "--kill-child",
+                                     "--mount-proc", sys.executable, SERVER, "--app",
+                                     "testapp:app", self.sock], ready=False)
+        line = server.wait_line("warning")
+        self.assertIn("running as PID 1", line)
+        self.assertIn("docker run --init", line)
+        server.wait_ready()
+        self.assertEqual(get(self.sock)[0], 200)
+
+    def test_bare_container_run_serves(self):
+        # No environment at all, no site-packages, isolated mode: as in a scratch container.
+        shutil.copy(SERVER, self.dir)
+        self.start(env={}, command=[sys.executable, "-I", "-S", "wsgi_unix.py", self.sock])
+        status, _, body = get(self.sock)
+        self.assertEqual(status, 200)
+        self.assertIn(b"UTC", body)
+
+    def framework_python(self):
+        """A Python with Flask and Django (.ci/run makes one); skipped elsewhere, failed in CI."""
+        python = os.environ.get("WSGI_UNIX_FRAMEWORK_PYTHON")
+        if not python:
+            if os.environ.get("CI"):
+                self.fail("WSGI_UNIX_FRAMEWORK_PYTHON is not set; .ci/run should set it")
+            self.skipTest("set WSGI_UNIX_FRAMEWORK_PYTHON to a Python with flask and django")
+        return python
+
+    def test_a_real_flask_app(self):
+        python = self.framework_python()
+        with open(os.path.join(self.dir, "flaskapp.py"), "w") as f:
+            f.write(FLASK_APP)
+        self.start(env={"PATH": os.environ["PATH"]}, command=[
+            python, SERVER, "--proxy-headers", "--app", "flaskapp:app", self.sock])
+        self.assertEqual(get(self.sock, "/hello/world")[0::2], (200, b"hello, world"))
+        status, _, body = get(self.sock, "/echo", "POST", body=b'{"a": [1, 2]}',
+                              headers={"Content-Type": "application/json",
+                                       "X-Forwarded-For": "192.0.2.1",
+                                       "X-Forwarded-Proto": "https"})
+        self.assertEqual((status, json.loads(body)),
+                         (200, {"json": {"a": [1, 2]}, "remote": "192.0.2.1", "scheme": "https"}))
+        status, response, _ = get(self.sock, "/old")
+        self.assertEqual((status, response.getheader("Location")), (302, "/hello/moved"))
+        self.assertEqual(get(self.sock, "/stream")[0::2], (200, b"0123456789"))
+        self.assertEqual(get(self.sock, "/nowhere")[0], 404)
+        self.assertEqual(get(self.sock, "/boom")[0], 500)
+
+    def test_a_real_django_app(self):
+        python = self.framework_python()
+        with open(os.path.join(self.dir, "djangoapp.py"), "w") as f:
+            f.write(DJANGO_APP)
+        self.start(env={"PATH": os.environ["PATH"]}, command=[
+            python, SERVER, "--app", "djangoapp:application", self.sock])
+        self.assertEqual(get(self.sock, "/hello/django/")[0::2], (200, b"hello, django"))
+        self.assertEqual(get(self.sock, "/upload/", "POST", body=b"x" * 100000,
+                             headers={"Content-Type": "application/octet-stream"})[0::2],
+                         (200, b"100000 bytes"))
+        self.assertEqual(get(self.sock, "/nowhere/")[0], 404)
+
+    def test_help_reads_like_a_man_page(self):
+        result = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout
+        for part in ("usage:", "ADDRESS [-- COMMAND", "--app MODULE:CALLABLE", "addresses:",
+                     "unix:@NAME", "fd:3", "examples:", "exit status:"):
+            self.assertIn(part, text)
+        options = ["--mode", "--group", "--threads", "--timeout", "--keep-alive",
+                   "--max-request-body", "--graceful-timeout",
+                   "--max-connections", "--allow-uid", "--proxy-headers", "--forwarded-allow-ips",
+                   "--script-name", "--quiet", "--version", "--cgi", "--pass-env", "--max-body",
+                   "--max-output", "--command-timeout", "--methods", "--max-procs"]
+        for option in options:
+            self.assertIn(option, text)
+        self.assertGreaterEqual(text.count("default"), 12)
 
 
 if __name__ == "__main__":

@@ -30,22 +30,26 @@ It extends ``wsgiref.simple_server`` (subclasses, not a rewrite) where wsgiref f
 What it deliberately does not do: TLS, HTTP/2, asyncio.  Put nginx in front for the first
 two; the same WSGI app runs unchanged under gunicorn or uWSGI when you need more.
 
-Map of this file (each section reads alone):
+Map of this file.  Each section uses only those above it (a test checks):
 
-  §1 settings and errors     the limits, DEFAULTS (read by the server, the API and the CLI)
+  §1 settings and errors     DEFAULTS and the checks of every setting, the limits, the errors,
+                             the log writer that never raises, descriptor limits
   §2 addresses               ListenAddress: parsing, bind/listen, the socket file's lifecycle
   §3 HTTP/1.x on bytes       no I/O: the request reader, body decoders, the error answer
   §4 socket I/O              the progress rule, sending with deadlines, the received body
-  §5 the engine              connections, the selector, leader/follower threads, stopping
-  §6 wsgiref glue            WSGIServer, WSGIRequestHandler, ServerHandler (response framing)
-  §7 worker processes        the master: forks, replaces, recycles, reloads and stops the
-                             workers; its decisions apart from what they do
-  §8 API                     make_server, serve
-  §9 the example app         command_app: a command per request
-  §10 CLI                    argparse from DEFAULTS, --check, main
+  §5 the engine              connections and their states, the selector, leader/follower
+                             threads, the watchdog, stopping
+  §6 wsgiref glue            WSGIServer (settings, policy, serve_forever), WSGIRequestHandler
+                             (the environ, the access log), ServerHandler (response framing)
+  §7 processes               signals, systemd's notification, loading the app, prctl
+  §8 worker processes        the master's decisions and what they do: start, replace,
+                             recycle, reload, stop, kill; a worker's server
+  §9 API                     make_server, serve
+  §10 the example app        command_app: a command per request
+  §11 CLI                    argparse from DEFAULTS, --check, main
 
 To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6;
-how processes are managed, §7.
+how processes are managed, §8.
 """
 
 import atexit
@@ -83,43 +87,191 @@ __all__ = [
 ]
 
 PROG = "wsgi_unix"
-_WHO = PROG  # how our log lines begin; a worker process adds its pid: wsgi_unix[1234]
+_LOG_PREFIX = PROG  # how our log lines begin; a worker process adds its pid: wsgi_unix[1234]
 SERVER_SOFTWARE = "wsgi_unix/" + __version__
 
 
 # --- §1 Settings and errors ---------------------------------------------------------------
 
-# Every tunable of the server with its default: WSGIServer's keywords, serve()'s and
-# make_server()'s, and the CLI's options all read this one mapping.
-DEFAULTS = {
-    "mode": 0o600,               # the socket file's mode (660 with a group for nginx)
-    "group": None,               # the socket file's group (None: the process's)
-    "workers": 1,                # processes (serve() and the CLI only); above 1, a master
-                                 # forks them, replaces those that die, reloads on SIGHUP
-    "threads": 8,                # threads that run the app: at most this many requests at once
-    "timeout": 30.0,             # for a request head to arrive; then per MIN_PROGRESS_BYTES
-    "keep_alive": 180.0,         # idle time of a persistent connection (0: one request each);
-                                 # longer than proxies' pools (nginx 60 s, Caddy 120 s), so
-                                 # that the proxy, not we, closes an idle one (no 502 race)
-    "graceful_timeout": 10.0,    # for requests in flight after SIGTERM
-    "max_connections": 1024,     # open at once; when full, the longest-waiting one gives way
-    "max_request_body": 1 << 30,  # bytes (waitress's default); more gets 413
-    "max_spool": None,           # bytes of request bodies spooled to disk at once (None: half
-                                 # the temporary directory's free space at start-up); more: 503
-    "access_log": True,
-    "allow_uids": None,          # None: every user who may connect; else uids or user names
-    "proxy_headers": False,      # trust X-Forwarded-For/-Proto (Unix peers, forwarded_allow_ips)
-    "forwarded_allow_ips": (),
-    "script_name": "",
-    # Recycling (serve() with a master only, §7): a worker is replaced, its replacement serving
-    # before it stops, once it has served max_requests + randint(0, max_requests_jitter)
-    # requests, or its resident memory passed max_worker_memory bytes after a request, or one
-    # request has run request_timeout seconds (that request is cut: 504).  None: never.
-    "max_requests": None,
-    "max_requests_jitter": 0,
-    "max_worker_memory": None,
-    "request_timeout": None,
-}
+# An HTTP token (RFC 9110 §5.6.2): a method, a header name.
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TOKEN_CHARS + rb"+\Z")
+
+
+def _number(integer=False, low=0, above=False, size=False):
+    """A kind of setting: a number from ``low`` up (``above``: past it), whole if ``integer``;
+    a ``size`` is read as 65536, 64K, 16M or 1G.  Returns (check, read): check(name, value)
+    takes a value from Python, read(text) one from the command line; each returns the value,
+    or raises TypeError or ValueError saying what was expected."""
+    kinds = (int,) if integer else (int, float)
+    expected = ("a size like 65536, 64K or 16M" if size else "a positive number" if above
+                else f"a number from {low} up")
+
+    def fits(value):
+        return (value > low if above else value >= low) and value < float("inf")  # (nan: no)
+
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+        if not fits(value):
+            raise ValueError(f"{name}={value!r}: must be {'above' if above else 'at least'} {low}")
+        return value
+
+    def read(text):
+        match = re.fullmatch(r"(\d+)([KMG]?)", text.upper()) if size else None
+        try:
+            value = (int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+                     if match else None if size else int(text) if integer else float(text))
+        except ValueError:
+            value = None
+        if value is None or not fits(value):
+            raise ValueError(f"{text!r} is not {expected}")
+        return value
+    return check, read
+
+
+def _check_mode(name, mode):
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"{name} must be an int like 0o660, not {type(mode).__name__} {mode!r}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{name}={mode:#o}: must be from 0o000 to 0o777")
+    return mode
+
+
+def _read_mode(text):
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal mode like 600 or 660") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"{text!r} is not a mode from 000 to 777")
+    return value
+
+
+def _read_prefix(text):
+    if text and (not text.startswith("/") or text.endswith("/")):
+        raise ValueError(f"{text!r} should look like /prefix")
+    return text
+
+
+def _read_methods(text):
+    names = [name.strip().upper() for name in text.split(",")]
+    if not all(_TOKEN.match(name.encode()) for name in names):
+        raise ValueError(f"{text!r} is not a list like GET,HEAD,POST")
+    return names
+
+
+def _read_list(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _ip_addresses(texts):
+    """The set of IP addresses in ``texts``, in the form the kernel reports a peer's address."""
+    if not texts:
+        return set()
+    import ipaddress  # only here: 2 ms of start-up for those who need it
+    addresses = set()
+    for text in texts:
+        try:
+            addresses.add(_unmapped(str(ipaddress.ip_address(text.strip()))))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address like 127.0.0.1 or ::1 (networks "
+                             f"and names are not accepted)") from None
+    return addresses
+
+
+def _unmapped(address):
+    # On a dual-stack [::] socket an IPv4 peer shows up as ::ffff:127.0.0.1.
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
+def _as_is(name, value):
+    return value  # checked where it is used (a group name, a user name, a stream)
+
+
+_COUNT, _SIZE = _number(integer=True, low=1), _number(integer=True, size=True)
+_SECONDS = _number(above=True)
+_FLAG = (_as_is, None)
+_TEXT = (_as_is, str)
+
+# Every setting, in one place: its keyword (WSGIServer's, serve()'s, make_server()'s -- or
+# command_app()'s, "for": "command"), its default, its kind, its command-line option
+# (--name, or as given), metavar, the default as --help and the README show it, and its help.
+# DEFAULTS, the checks, argparse and the README's options table (a test compares) read it.
+_SETTINGS = [dict(zip(("for", "name", "default", "kind", "option", "metavar", "shown", "help"),
+                      row)) for row in [
+    ("server", "mode", 0o600, (_check_mode, _read_mode), None, "OCTAL", "600; 660 with --group",
+     "the socket file's mode, in force before listen(); one that lets others connect (666) is "
+     "warned about"),
+    ("server", "group", None, _TEXT, None, "NAME|GID", "the process's",
+     "the socket file's group, e.g. www-data (nginx's)"),
+    ("server", "workers", 1, _COUNT, None, "N", "1",
+     "processes, each with --threads threads, on one socket: above 1 (or with a recycling "
+     "option) a master starts them, replaces one that dies, reloads them on SIGHUP"),
+    ("server", "threads", 8, _COUNT, None, "N", "8",
+     "threads that run the app: at most N requests at once, whatever clients do"),
+    ("server", "timeout", 30.0, _SECONDS, None, "SECONDS", "30; 5 with --check",
+     "for the request head to arrive, then for each 64 KiB of the body or of the response; "
+     "then 408 or a close (a line says when every thread has been in one request this long)"),
+    ("server", "keep_alive", 180.0, _number(), None, "SECONDS", "180",
+     "how long an idle connection stays open, longer than proxies keep theirs (nginx 60 s, "
+     "Caddy 120 s: the proxy closes it, never we under its feet); 0: one request each"),
+    ("server", "graceful_timeout", 10.0, _SECONDS, None, "SECONDS", "10",
+     "for requests in flight to finish after SIGTERM"),
+    ("server", "max_connections", 1024, _COUNT, None, "N", "1024",
+     "open at once; when all are taken, the longest idle or unfinished one gives way"),
+    ("server", "max_request_body", 1 << 30, _SIZE, None, "SIZE", "1G",
+     "the largest request body, received before the app runs; larger: 413"),
+    ("server", "max_spool", None, _SIZE, None, "SIZE",
+     "half the free space of TMPDIR at start-up",
+     "bytes of request bodies (those over 512K) spooled to TMPDIR at once; a body that does "
+     "not fit: 503"),
+    ("server", "allow_uids", None, (_as_is, _read_list), "--allow-uid", "UID[,UID...]",
+     "everyone", "only these users (names or numbers) may send requests; others get 403 "
+     "(Unix sockets, Linux)"),
+    ("server", "proxy_headers", False, _FLAG, None, None, "off",
+     "take REMOTE_ADDR from X-Forwarded-For and the scheme from X-Forwarded-Proto, from Unix "
+     "peers and --forwarded-allow-ips only"),
+    ("server", "forwarded_allow_ips", (), (_as_is, lambda text: _ip_addresses(text.split(","))),
+     None, "IP[,IP...]", "none", "TCP peers whose proxy headers are trusted"),
+    ("server", "script_name", "", (_as_is, _read_prefix), None, "/PREFIX", "none",
+     "mount the app under this path; requests outside it get 404"),
+    ("server", "access_log", True, _TEXT, None, "PATH|-", "stderr",
+     "the access log: a file (appended to; SIGUSR1 reopens it), or - for stdout (what "
+     "containers collect)"),
+    ("server", "max_requests", None, _number(integer=True, above=True), None, "N", "off",
+     "replace a worker after N requests (an app that leaks)"),
+    ("server", "max_requests_jitter", 0, _number(integer=True), None, "J", "0",
+     "after N plus 0 to J requests, drawn for each worker (so that they do not all go at once)"),
+    ("server", "max_worker_memory", None, _number(integer=True, above=True, size=True), None,
+     "SIZE", "off", "replace a worker whose resident memory passed SIZE (500M) after a request"),
+    ("server", "request_timeout", None, _SECONDS, None, "SECONDS", "off",
+     "a request that ran this long gets 504 and its worker is replaced (a thread cannot be "
+     "killed); its other requests get --graceful-timeout"),
+    ("command", "cgi", False, _FLAG, None, None, "off",
+     "the output starts with CGI headers (Status:, Content-Type:, Location:); malformed ones "
+     "give 502"),
+    ("command", "pass_env", (), (_as_is, _read_list), None, "NAME[,NAME...]", "none",
+     "pass these variables of ours to the command (repeatable); it gets PATH and the "
+     "request's CGI variables, nothing else"),
+    ("command", "max_body", 1 << 20, _SIZE, None, "SIZE", "1M",
+     "the largest request body, for its stdin; larger: 413, and it is not run"),
+    ("command", "max_output", 16 << 20, _SIZE, None, "SIZE", "16M",
+     "the largest output; more: it is killed, 502"),
+    ("command", "timeout", 30.0, _SECONDS, "--command-timeout", "SECONDS", "30",
+     "to finish; then SIGTERM to its process group, SIGKILL a second later, 504"),
+    ("command", "methods", ("GET", "HEAD", "POST"), (_as_is, _read_methods), None, "LIST",
+     "GET,HEAD,POST", "allowed request methods; others get 405 with Allow"),
+    ("command", "max_procs", 8, _COUNT, None, "N", "--threads; command_app(): 8",
+     "commands running at once in each process (with --workers N, N times as many in all); "
+     "others wait up to --command-timeout, then 503"),
+]]
+for _setting in _SETTINGS:
+    _setting["option"] = _setting["option"] or "--" + _setting["name"].replace("_", "-")
+DEFAULTS = {s["name"]: s["default"] for s in _SETTINGS if s["for"] == "server"}
+COMMAND_DEFAULTS = {s["name"]: s["default"] for s in _SETTINGS if s["for"] == "command"}
+_SETTING = {(s["for"], s["name"]): s for s in _SETTINGS}
+
 # The keywords that ask serve() for a master (any of them set, even with one worker): a thread
 # cannot be killed, and a process cannot be replaced without a gap but by a master.
 _RECYCLING = ("max_requests", "max_requests_jitter", "max_worker_memory", "request_timeout")
@@ -143,7 +295,7 @@ FIRST_BUFFER = 64 * 1024
 # After an error answer, how long we read and discard what the client still sends (a lingering
 # close, as nginx and Apache do): closing with unread bytes makes the kernel send a reset, and
 # the client loses the answer.
-LINGER_SECONDS = 5.0
+LINGER_AFTER_ERROR = 5.0
 # When requests take this long on average, the leader hands the selector to a follower before
 # it runs one (see _Leadership): a hand-over costs about 40 us, under 4 % of such a request.
 HAND_OVER_ABOVE = 0.001
@@ -163,7 +315,7 @@ REFUSALS_LOGGED = 20
 LOCK_WAIT = 5.0
 STOP_LOCK_WAIT = 2.0
 # How long a stopping server waits for connections it accepted, or idle ones, to send a request.
-STOP_LINGER = 1.0
+IDLE_GRACE_AT_STOP = 1.0
 # A worker process that ends within WORKER_QUICK_DEATH seconds of its start (or before it
 # serves) failed to start: the next one waits WORKER_RETRY seconds, doubled for each such
 # failure in a row, and after WORKER_GIVE_UP in a row the master stops (a broken deploy must
@@ -174,35 +326,16 @@ WORKER_GIVE_UP = 5
 WORKER_KILL_AFTER = 5.0
 
 
-def _checked(settings):
-    """``settings`` if every value is of the kind DEFAULTS has; else TypeError or ValueError
-    naming the keyword (as the CLI's usage errors do)."""
-    def number(name, low, integer=False, above=False):
-        value = settings[name]
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
-        if not (value > low if above else value >= low) or value != value or value == float("inf"):
-            raise ValueError(f"{name}={value!r}: must be {'above' if above else 'at least'} {low}")
-    for name in ("workers", "threads", "max_connections"):
-        number(name, 1, integer=True)
-    for name in ("timeout", "graceful_timeout"):
-        number(name, 0, above=True)
-    number("keep_alive", 0)
-    number("max_request_body", 0, integer=True)
-    for name in ("max_spool", "max_requests", "max_worker_memory"):
-        if settings[name] is not None:
-            number(name, 0, integer=True, above=name != "max_spool")
-    number("max_requests_jitter", 0, integer=True)
-    if settings["request_timeout"] is not None:
-        number("request_timeout", 0, above=True)
-    if settings["max_requests_jitter"] and not settings["max_requests"]:
+def _checked(settings, whose="server"):
+    """``settings`` (DEFAULTS' keys, or COMMAND_DEFAULTS' for "command") if every value is of
+    its setting's kind; else TypeError or ValueError naming the keyword (as the CLI's usage
+    errors do)."""
+    for name, value in settings.items():
+        setting = _SETTING.get((whose, name))  # (others are not settings: server_class, ...)
+        if setting and not (value is None and setting["default"] is None):  # None: off
+            setting["kind"][0](name, value)
+    if settings.get("max_requests_jitter") and not settings.get("max_requests"):
         raise ValueError("max_requests_jitter goes with max_requests")
-    mode = settings["mode"]
-    if isinstance(mode, bool) or not isinstance(mode, int):
-        raise TypeError(f"mode must be an int like 0o660, not {type(mode).__name__} {mode!r}")
-    if not 0 <= mode <= 0o777:
-        raise ValueError(f"mode={mode:#o}: must be from 0o000 to 0o777")
     return settings
 
 
@@ -237,7 +370,7 @@ def _log_write(stream, text):
     try:
         lost = _unwritten["lines"]
         if lost:
-            stream.write(f"{_WHO}: {lost} log line(s) could not be written "
+            stream.write(f"{_LOG_PREFIX}: {lost} log line(s) could not be written "
                          f"({_unwritten['why']}) and were dropped\n")
             _unwritten["lines"] -= lost
         stream.write(text)
@@ -730,26 +863,6 @@ def _check_id(number, kind):
     return number
 
 
-def _ip_addresses(texts):
-    """The set of IP addresses in ``texts``, in the form the kernel reports a peer's address."""
-    if not texts:
-        return set()
-    import ipaddress  # only here: 2 ms of start-up for those who need it
-    addresses = set()
-    for text in texts:
-        try:
-            addresses.add(_unmapped(str(ipaddress.ip_address(text.strip()))))
-        except ValueError:
-            raise ValueError(f"{text!r} is not an IP address like 127.0.0.1 or ::1 (networks "
-                             f"and names are not accepted)") from None
-    return addresses
-
-
-def _unmapped(address):
-    # On a dual-stack [::] socket an IPv4 peer shows up as ::ffff:127.0.0.1.
-    return address[7:] if address.startswith("::ffff:") and "." in address else address
-
-
 def _group_id(group):
     if group is None:
         return group
@@ -768,8 +881,6 @@ def _group_id(group):
 # No I/O in this section: bytes in, a parsed request (or decoded body bytes) or an _HTTPError
 # out.  The engine (§5) feeds it what it receives; the unit tests feed it one byte at a time.
 
-_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
-_TOKEN = re.compile(_TOKEN_CHARS + rb"+\Z")
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, CRLF or bare LF
 _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -1033,10 +1144,10 @@ class _RequestReader:
     what cannot be served.  Bytes after a request stay in ``buffer`` for the next one.
     """
 
-    def __init__(self, max_body=DEFAULTS["max_request_body"], sink=None):
+    def __init__(self, max_body, sink):
         self.buffer = bytearray()
         self.max_body = max_body
-        self._sink_class = sink or _BodySink
+        self._sink_class = sink  # makes the file a body goes to: write(), size, finish() (§4)
         self._scanned = 0  # bytes of buffer searched for the end of a head
         self._request = self._decoder = self._sink = None
         self._head_line = None  # the request line of the request being read, for the log
@@ -1175,7 +1286,7 @@ class _TooSlow(ConnectionAbortedError):
 
 
 # What a send to a client that hung up (or stopped reading) raises.
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 def _send_all(sock, data, progress):
@@ -1368,7 +1479,7 @@ class _Leadership:
       leader is in an app (``busy_since`` is set) and the thread has just finished one;
     - the leader loses the lead only while it runs an app, so it never loses it while it uses
       the selector;
-    - a thread that is not the leader hands connections to the leader through ``returns`` (to
+    - a thread that is not the leader gives connections to the leader through ``returned`` (to
       put back in the selector), never touching the selector.
 
     Who serves a ready request depends on how long requests take (``app_time``, a running
@@ -1390,7 +1501,7 @@ class _Leadership:
         self.busy_since = None  # when the leader began running an app inline; None: it is not
         self.followers = 0
         self.ready = deque()  # connections with a whole request, in the order they came
-        self.returns = deque()  # connections a non-leader hands back to the selector
+        self.returned = deque()  # connections a non-leader hands back to the selector
         self.finished = False
         # Seconds a request takes, a running mean (weight 1/8).  It starts as if apps wait: the
         # first requests are handed over, until quick ones show that they need not be.
@@ -1434,9 +1545,9 @@ class _Leadership:
         with self.lock:
             if self.leader != me or self.finished:
                 return False, None, ()
-            if self.returns:
-                returns = list(self.returns)
-                self.returns.clear()
+            if self.returned:
+                returns = list(self.returned)
+                self.returned.clear()
                 return True, None, returns
             if not self.ready:
                 return True, None, ()
@@ -1487,15 +1598,18 @@ class _Leadership:
             self.leader = self.busy_since = None
             self._work.notify(1 + len(self.ready))  # a leader, and one for each ready request
 
-    def hand_back(self, conn, ready):
-        """Queue a whole request (``ready``), or a connection for the selector (a non-leader)."""
+    def queue_request(self, conn):
+        """(The leader) queue a connection whose request is whole, for a thread to serve."""
         with self.lock:
-            if ready:
-                self.ready.append(conn)
-                if self.apps_wait:
-                    self._work.notify()  # a follower serves it, while the leader goes on
-            else:
-                self.returns.append(conn)
+            self.ready.append(conn)
+            if self.apps_wait:
+                self._work.notify()  # a follower serves it, while the leader goes on
+
+    def return_connection(self, conn):
+        """(A thread that is not the leader) give a served connection back to the leader, for
+        the selector."""
+        with self.lock:
+            self.returned.append(conn)
 
     def finish(self):
         with self.lock:
@@ -1534,7 +1648,7 @@ class _Engine:
         serving -> idle | head | linger | closed    (kept; pipelined bytes; close with bytes
                                                      unread; close, or abort)
         idle    -> head | closed                    (the next request; it left, or timed out)
-        linger  -> closed                           (the client is done, or LINGER_SECONDS)
+        linger  -> closed                           (the client is done, or LINGER_AFTER_ERROR)
 
     Invariants: a connection is in the selector while it is head, body, idle or linger, and
     may stay there while ready or serving (a keep-alive request costs no unregister and
@@ -1631,7 +1745,7 @@ class _Engine:
             self._close(conn, reset=outcome == "abort")  # no selector needed: no hand-back
         else:  # the selector is the leader's
             conn.outcome = outcome
-            self.lead.hand_back(conn, ready=False)
+            self.lead.return_connection(conn)
             self.wake()
 
     def _after_response(self, conn, outcome):
@@ -1648,8 +1762,8 @@ class _Engine:
             wait = self.server.timeout if conn.reader.buffer else self.server.keep_alive
             if self.stopping:
                 # The stop began after our answer's head said keep-alive: the client may be
-                # sending its next request already, which gets STOP_LINGER as on an idle one.
-                wait = min(wait, STOP_LINGER)
+                # sending its next request already, which gets IDLE_GRACE_AT_STOP as on an idle one.
+                wait = min(wait, IDLE_GRACE_AT_STOP)
             conn.deadline = time.monotonic() + wait
             if conn.reader.buffer:
                 # Its next request is here already (pipelined): it takes its turn behind what
@@ -1899,7 +2013,7 @@ class _Engine:
                 # no unregister and register per request.  (See _on_readable.)
                 conn.move(_READY)
                 conn.request = request
-                self.lead.hand_back(conn, ready=True)
+                self.lead.queue_request(conn)
                 return
         except _HTTPError as error:
             self._refuse(conn, error)
@@ -1919,7 +2033,7 @@ class _Engine:
 
     def _refuse_at_once(self, conn, error):
         """Answer an error before the request came (a user --allow-uid refuses), then linger
-        briefly, STOP_LINGER: a client whose request is on its way hears the answer instead
+        briefly, IDLE_GRACE_AT_STOP: a client whose request is on its way hears the answer instead
         of a reset, and holds its slot no longer than that (it gives way first when full)."""
         self.server.log_refusal(conn, error)
         try:
@@ -1927,9 +2041,9 @@ class _Engine:
         except OSError:
             self._close(conn)
             return
-        self._linger(conn, STOP_LINGER)
+        self._linger(conn, IDLE_GRACE_AT_STOP)
 
-    def _linger(self, conn, seconds=LINGER_SECONDS):
+    def _linger(self, conn, seconds=LINGER_AFTER_ERROR):
         """Half-close and discard what still arrives, for ``seconds`` at most: a client still
         sending its request hears our answer instead of a reset."""
         try:
@@ -1991,7 +2105,7 @@ class _Engine:
     # -- stopping --
 
     def begin_stop(self):
-        """Stop accepting (the leader does it), close idle connections after STOP_LINGER,
+        """Stop accepting (the leader does it), close idle connections after IDLE_GRACE_AT_STOP,
         answer every request with Connection: close.  Safe from any thread but a signal
         handler."""
         self.stopping = True
@@ -2005,7 +2119,7 @@ class _Engine:
                     sock, address = self.listener.accept()
                 except OSError:
                     break
-                self._admit(sock, address, now + STOP_LINGER)
+                self._admit(sock, address, now + IDLE_GRACE_AT_STOP)
         # An inherited socket stays open and listening: systemd keeps it for the next start.
         if self.accepting:
             self.selector.unregister(self.listener)
@@ -2015,22 +2129,46 @@ class _Engine:
         for conn in list(self.waiting):
             if conn.state in (_IDLE, _HEAD) and not conn.reader.buffer:
                 # A proxy may be sending a request on its idle connection right now: closing
-                # would reset it (nginx retries, and logs an error).  It has STOP_LINGER to
+                # would reset it (nginx retries, and logs an error).  It has IDLE_GRACE_AT_STOP to
                 # arrive, and is answered with Connection: close.
-                conn.deadline = min(conn.deadline, now + STOP_LINGER)
+                conn.deadline = min(conn.deadline, now + IDLE_GRACE_AT_STOP)
         with self.lead.lock:  # only now: what was accepted above counts in ``open`` already
             self._stop_done = True
 
+    def watch(self, wake, every, tick):
+        """The main thread while the server serves: the watchdog.  While apps are quick the
+        leader serves them inline, and one that turns out to wait must not keep the lead for
+        long: every PROMOTE_AFTER it is looked at (else every ``every`` seconds).  A line says
+        when every thread has been in one app for --timeout (once a minute at most).  Returns
+        when ``tick()``, called each time, returns True; a byte on ``wake`` wakes it."""
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        next_stuck_check = time.monotonic()
+        while True:
+            if poller.poll(1000 * (every if self.lead.apps_wait else PROMOTE_AFTER)):
+                wake.recv(4096)
+            now = time.monotonic()
+            self.lead.promote_if_stuck(PROMOTE_AFTER, now)
+            if now >= next_stuck_check:
+                stuck = self.stuck_report(now, self.server.timeout)
+                next_stuck_check = now + (60.0 if stuck else 1.0)
+                if stuck:
+                    self.server.log_line(stuck)
+            if tick():
+                return
+
     def wait_closed(self, deadline, tick):
         """Wait until the stop is done and every connection is closed, or until ``deadline``;
-        ``tick()`` runs every PROMOTE_AFTER meanwhile (the watchdog), and ends the wait early
-        by returning True."""
+        the watchdog and ``tick()`` run every PROMOTE_AFTER meanwhile; a stop at once (a
+        second signal) ends the wait early."""
         with self.lead.lock:
             while (self.open or not self._stop_done) and time.monotonic() < deadline:
                 self._all_closed.wait(min(PROMOTE_AFTER, max(0.0, deadline - time.monotonic())))
                 self.lead.lock.release()
                 try:
-                    if tick():
+                    self.lead.promote_if_stuck(PROMOTE_AFTER, time.monotonic())
+                    tick()
+                    if self.server.stopped_at_once:
                         return
                 finally:
                     self.lead.lock.acquire()
@@ -2200,9 +2338,9 @@ class WSGIServer(simple_server.WSGIServer):
     def serve_forever(self, poll_interval=1.0):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
-        Runs ``threads`` threads (§5); this thread watches them: while apps are quick, the
-        leader serves them inline, and when it has been in one app for PROMOTE_AFTER seconds, a
-        follower takes over (see _Leadership).  ``poll_interval`` is how often timed-out
+        Runs ``threads`` threads (§5); this thread runs the engine's watchdog (_Engine.watch):
+        while apps are quick, the leader serves them inline, and when it has been in one app
+        for PROMOTE_AFTER seconds, a follower takes over (see _Leadership).  ``poll_interval`` is how often timed-out
         connections are looked for.  Once the threads serve, it calls
         ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new connections,
         idle ones close, requests in flight get ``graceful_timeout`` seconds.
@@ -2226,43 +2364,27 @@ class WSGIServer(simple_server.WSGIServer):
                              f"--threads, or raise the limit on processes") from None
         if self.on_ready is not None:
             self.on_ready()
-        poller = select.poll()
-        poller.register(self._main_r, select.POLLIN)
-        next_stuck_check = time.monotonic()
         try:
-            while not self._stop_requested:
-                # The watchdog: while apps are quick the leader serves them inline, and one
-                # that turns out to wait must not keep the lead for long.
-                watch = PROMOTE_AFTER if not engine.lead.apps_wait else min(poll_interval, 0.1)
-                if poller.poll(1000 * watch):
-                    self._main_r.recv(4096)
-                if self._reopen_requested:
-                    self._reopen_requested = False
-                    self.reopen_logs()
-                now = time.monotonic()
-                engine.lead.promote_if_stuck(PROMOTE_AFTER, now)
-                if now >= next_stuck_check:
-                    stuck = engine.stuck_report(now, self.timeout)
-                    next_stuck_check = now + (60.0 if stuck else 1.0)  # at most once a minute
-                    if stuck:
-                        self.log_line(stuck)
-                self.service_actions()
+            engine.watch(self._main_r, min(poll_interval, 0.1), self._look_around)
             stop_began = time.monotonic()
             if self.listen_address.kind == "unix":
                 # Without its file no one can connect any more (nginx gets its 502 at once),
                 # yet what is already in the backlog can still be accepted and served.
                 self.listen_address.remove_socket_file()
             engine.begin_stop()
-
-            def tick():
-                engine.lead.promote_if_stuck(PROMOTE_AFTER, time.monotonic())
-                self.service_actions()  # (a worker's --request-timeout holds meanwhile too)
-                return self.stopped_at_once
-            engine.wait_closed(stop_began + self.graceful_timeout, tick)
+            engine.wait_closed(stop_began + self.graceful_timeout, self._look_around)
         finally:
             self._stop_requested = True
             engine.finish(threads, time.monotonic() + 0.1)
             self._stopped.set()
+
+    def _look_around(self):
+        """The main thread's turn, each time it wakes (see _Engine.watch): True to stop."""
+        if self._reopen_requested:
+            self._reopen_requested = False
+            self.reopen_logs()
+        self.service_actions()  # (a worker's --request-timeout holds while it stops too)
+        return self._stop_requested
 
     def watch_closely(self):
         """Wake the main thread, whose watchdog looks at the leader every PROMOTE_AFTER seconds
@@ -2316,7 +2438,7 @@ class WSGIServer(simple_server.WSGIServer):
             if once and len(self._logged) < 10000:  # (bounded: messages may name routes)
                 self._logged.add(message)
             message = message.translate(_LOG_ESCAPES)
-            _log_write(sys.stderr, f"{_WHO}: {message}\n" if prefix else message + "\n")
+            _log_write(sys.stderr, f"{_LOG_PREFIX}: {message}\n" if prefix else message + "\n")
 
 
 # In a quoted field of an access line, " and \ are escaped too (as nginx does): a client
@@ -2548,12 +2670,12 @@ class ServerHandler(simple_server.ServerHandler):
             self.setup_environ()
             self.result = application(self.environ, self.start_response)
             self.finish_response()
-        except _CLIENT_GONE as exc:
+        except _DISCONNECTS as exc:
             self._client_went_away(exc)
         except:  # noqa: E722 -- as wsgiref: whatever the app raised, answer 500
             try:
                 self.handle_error()
-            except _CLIENT_GONE as exc:  # before it could hear of the error
+            except _DISCONNECTS as exc:  # before it could hear of the error
                 self._client_went_away(exc)
             except:  # noqa: E722
                 self.aborted = True
@@ -2773,7 +2895,105 @@ class ServerHandler(simple_server.ServerHandler):
         pass
 
 
-# --- §7 Worker processes ------------------------------------------------------------------
+# --- §7 Processes -------------------------------------------------------------------------
+#
+# What a process is told and tells: signals, systemd's notification, the app it loads, and
+# Linux's process controls.  The single server (§9) and the master and its workers (§8)
+# share them.
+
+# The signals serve() handles.  Every signal whose default action ends the process and that a
+# server may be sent by an operator or a supervisor stops it gracefully (the socket file is
+# removed), reopens the access log (SIGUSR1, as nginx's), or is ignored with a log line;
+# SIGKILL cannot be caught, and a fault (SIGSEGV, ...) or a profiler's signal (SIGPROF,
+# SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are ignored by Python already.
+_SIGNALS = [(getattr(signal, name), action) for name, action in (
+    ("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"), ("SIGQUIT", "stop"),
+    ("SIGALRM", "stop"), ("SIGXCPU", "stop"), ("SIGPWR", "stop"),
+    ("SIGUSR1", "reopen"), ("SIGUSR2", "ignore")) if hasattr(signal, name)]
+
+
+def _notify_systemd(state):
+    """Tell systemd (Type=notify) how we are, if it asked: sd_notify(3), in a few lines."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    if not address:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        _log_write(sys.stderr, f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
+
+
+def _serve_until_signal(server, on_ready, in_worker=False):
+    """server.serve_forever() with the _SIGNALS handlers in place (from the main thread
+    only); ServeError if a second signal stopped it at once."""
+    signalled = []
+
+    def say(line):
+        try:
+            # The handler may have interrupted this thread in a write to stderr: another write
+            # through sys.stderr would raise "reentrant call" (and end serve_forever()); one
+            # os.write() of the whole line cannot.
+            os.write(sys.stderr.fileno(), f"{_LOG_PREFIX}: {line}\n".encode("utf-8", "replace"))
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            server.log_line(line)  # a stream with no descriptor (redirected in-process)
+        except OSError:
+            pass  # a log that cannot be written: nothing to say it with
+
+    def stop(signum, frame):
+        # A second signal stops at once (as gunicorn's and uvicorn's users expect); a stop
+        # begun otherwise (a worker's master, shutdown()) does not count as a first.
+        name = signal.Signals(signum).name
+        if signalled:
+            say(f"{name}: a second signal: stopping at once")
+            server.request_stop(at_once=True)
+            return
+        signalled.append(signum)
+        why = ""
+        if signum == getattr(signal, "SIGHUP", None) and not in_worker:
+            why = " (one process does not reload: with --workers N, SIGHUP reloads)"
+        say(f"{name}: stopping gracefully{why}")
+        _notify_systemd("STOPPING=1")
+        server.request_stop()
+
+    def ignore(signum, frame):
+        say(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
+            f"SIGHUP too, SIGUSR1 reopens the access log)")
+
+    def reopen(signum, frame):
+        server.request_reopen()
+    actions = {"stop": stop, "ignore": ignore, "reopen": reopen}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, action in _SIGNALS:
+            handlers[signum] = signal.signal(signum, actions[action])
+    try:
+        server.on_ready = on_ready
+        server.serve_forever()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if server.stopped_at_once:
+        raise ServeError(f"{server}: stopped at once by a second signal; requests in flight "
+                         f"were cut")
+
+
+def _warn_about(server, options):
+    if os.getpid() == 1:
+        _log_write(sys.stderr, f"{PROG}: warning: running as PID 1: orphaned processes that the "
+                               f"app's subprocesses leave are not reaped; run the container "
+                               f"with an init (docker run --init)\n")
+    if server.listen_address.kind == "abstract":
+        _log_write(sys.stderr, f"{PROG}: warning: {server} is an abstract socket: anyone in this "
+                               f"network namespace can connect to it, and while this server is "
+                               f"down, bind it and receive its requests; a socket file is safer\n")
+    elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
+        # connect() needs write permission: "others" may send requests.
+        _log_write(sys.stderr, f"{PROG}: warning: mode {options['mode']:o} lets every local user "
+                               f"connect to {server}; 660 with --group is the usual choice\n")
+
 
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 
@@ -2786,6 +3006,15 @@ def _prctl(option, value):
         return libc.prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _become_subreaper():
+    """Make orphaned descendants our children (Linux prctl(PR_SET_CHILD_SUBREAPER)), so that
+    a command's setsid() daemon can be found and killed.  False where it cannot be done."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+_SUBREAPER = False  # set when the command app made us the subreaper
 
 
 def _children():
@@ -2807,18 +3036,134 @@ def _kill_group(pid, signum):
         pass
 
 
+def _nothing():
+    pass
+
+
+def _load_app(spec):
+    """The WSGI app ``spec`` names: ``MODULE[:NAME[.NAME]]``, or ``MODULE:FACTORY(ARGS)``
+    (gunicorn's form: the factory is called once, with literal arguments only -- no eval)."""
+    import importlib
+    module_name, _, target = spec.partition(":")
+    target, arguments = target or "application", None
+    call = re.fullmatch(r"([\w.]+)\((.*)\)", target, re.S)
+    if call:
+        target, arguments = call.group(1), _literal_arguments(spec, call.group(2))
+    sys.path.insert(0, os.getcwd())  # as gunicorn does: the app sits next to us
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] and exc.name != module_name:
+            _print_app_traceback(exc)
+            raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
+                             f"above)") from None
+        hint = ""
+        if module_name.endswith(".py"):  # a file name where a module name goes
+            hint = f"; the module of {module_name} is {module_name[:-3]}: --app " \
+                   f"{module_name[:-3]}:{target}"
+        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}{hint}") from None
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _print_app_traceback(exc)
+        raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
+                         f"above)") from None
+    for part in target.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            import difflib
+            close = difflib.get_close_matches(part, [name for name in dir(obj)
+                                                     if not name.startswith("_")], 1)
+            hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
+            raise ServeError(f"--app {spec}: {module_name} has no {target}{hint}") from None
+    if arguments is not None:
+        try:
+            obj = obj(*arguments[0], **arguments[1])
+        except Exception as exc:
+            _print_app_traceback(exc)
+            raise ServeError(f"--app {spec}: calling {target}() failed (its traceback is "
+                             f"above)") from None
+    _check_wsgi_callable(obj, spec, f"{module_name}:{target}")
+    return obj
+
+
+def _literal_arguments(spec, text):
+    """(args, kwargs) of a factory call written with literals only, or ServeError."""
+    import ast
+    try:
+        node = ast.parse(f"f({text})", mode="eval").body
+        return ([ast.literal_eval(arg) for arg in node.args],
+                {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords})
+    except (SyntaxError, ValueError, TypeError):
+        raise ServeError(f"--app {spec}: the factory's arguments must be literals, like "
+                         f"create_app('production', debug=False)") from None
+
+
+def _check_wsgi_callable(obj, spec, name):
+    """Refuse at start-up what every request would answer with 500."""
+    import inspect
+    if not callable(obj):
+        raise ServeError(f"--app {spec}: {name} is not callable")
+    try:
+        inspect.signature(obj).bind(object(), object())
+    except TypeError:
+        try:
+            factory = not inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            factory = False
+        hint = f"; is it a factory? write --app '{name}()'" if factory else ""
+        raise ServeError(f"--app {spec}: {name} cannot be called with (environ, start_response), "
+                         f"so it is not a WSGI app{hint}") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): let it be
+
+
+def _print_app_traceback(exc):
+    """The app's traceback on stderr: its frames, not ours nor importlib's."""
+    tb, ours = exc.__traceback__, os.path.abspath(__file__)
+    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == ours
+                              or "importlib" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    _log_write(sys.stderr, "".join(traceback.format_exception(type(exc), exc, tb)))
+
+
+# --- §8 Worker processes ------------------------------------------------------------------
+
+
+# A worker's states (drawn in _Master's docstring), and the moves between them.
+_FORKED, _WORKING, _REPLACING, _RETIRING, _KILLED, _REAPED = (
+    "forked", "serving", "replacing", "retiring", "killed", "reaped")
+_WORKER_MOVES = {
+    _FORKED: {_WORKING, _RETIRING, _REAPED},
+    _WORKING: {_REPLACING, _RETIRING, _REAPED},
+    _REPLACING: {_RETIRING, _REAPED},
+    _RETIRING: {_KILLED, _REAPED},
+    _KILLED: {_REAPED},
+    _REAPED: set(),
+}
+
+
 class _Worker:
     """One worker process, as its master sees it."""
 
     def __init__(self, pid, generation, channel, now):
         self.pid, self.generation, self.channel = pid, generation, channel
         self.started = now
-        self.ready = False      # it said it serves
-        self.replacing = False  # it asked to be replaced (recycling): retired once another serves
-        self.retiring = False   # it was told to stop
+        self.state = _FORKED
+        self.ready = False      # it said it serves (it stays so once retiring)
         self.heard_end = False  # its end of the channel is closed: it is exiting
         self.kill_at = float("inf")  # once it is told to stop: when it is killed if it lingers
         self.unread = b""  # what it said, up to an unfinished line
+
+    def move(self, state):
+        if state not in _WORKER_MOVES[self.state]:
+            raise RuntimeError(f"a worker cannot go from {self.state} to {state}")
+        self.state = state
+
+    @property
+    def retiring(self):  # told to stop
+        return self.state in (_RETIRING, _KILLED)
 
 
 class _Master:
@@ -2846,18 +3191,20 @@ class _Master:
     counts for its generation, so another is started, and once that one serves, it is told
     to stop -- the same way as at a reload, one worker at a time.
 
-    A worker's life (every transition the code takes)::
+    A worker's life (_WORKER_MOVES; Worker.move() refuses any other)::
 
         forked     --"R"------------------> serving    it loaded the app and serves
         forked     --told to stop---------> retiring   a reload began again, or a stop
+        forked     --dies-----------------> reaped     it failed to start: a backoff
         serving    --"Q"------------------> replacing  a recycling limit: another is started
         serving    --told to stop---------> retiring   a newer generation serves, or a stop
+        serving    --dies-----------------> reaped     replaced at once if it served
+                                                       WORKER_QUICK_DEATH, else after a backoff
         replacing  --told to stop---------> retiring   its replacement serves, or a stop
-        retiring   --kill_at passes-------> retiring   SIGKILL (it lingered past the grace)
-        any        --exits or dies--------> reaped     forked: backoff; serving: replaced at
-                                                       once if it served WORKER_QUICK_DEATH;
-                                                       replacing (memory: it stops by itself)
-                                                       and retiring: nothing to do
+        replacing  --exits----------------> reaped     --max-worker-memory: it stops by itself
+        retiring   --kill_at passes-------> killed     SIGKILL: it lingered past the grace
+        retiring   --exits----------------> reaped
+        killed     --dies-----------------> reaped
 
     The decisions -- _heard(), _ended(), _on_signal(), _keep_up(), _kill_overdue() -- read the
     clock they are given and the workers' states, and act only through _spawn(), _tell(),
@@ -2974,12 +3321,15 @@ class _Master:
         """A worker said ``message``: "R" (it serves), or "Q" and why it wants replacing."""
         if message == "R" and not worker.ready:
             worker.ready = True
+            if worker.state == _FORKED:
+                worker.move(_WORKING)
             if worker.generation == self.generation:
                 self.proven = True
         elif message.startswith("Q"):  # (said again, or while it stops: a line, no more)
-            again = worker.replacing or worker.retiring
-            self.log_line(f"worker {worker.pid} {message[1:]}{'' if again else '; replacing it'}")
-            worker.replacing = worker.replacing or not worker.retiring
+            first = worker.state == _WORKING
+            self.log_line(f"worker {worker.pid} {message[1:]}{'; replacing it' if first else ''}")
+            if first:
+                worker.move(_REPLACING)
 
     def _on_signal(self, signum, now):
         if signum == signal.SIGCHLD:
@@ -3027,24 +3377,25 @@ class _Master:
         killed WORKER_KILL_AFTER later (an app whose exit hangs must not linger for good)."""
         if not worker.retiring:
             worker.kill_at = now + self.graceful_timeout + WORKER_KILL_AFTER
-        worker.retiring = True
+            worker.move(_RETIRING)
         self._tell(worker, b"S")
         if not worker.ready:  # still loading the app: it serves nothing, and reads nothing
             self._signal(worker, signal.SIGTERM)
 
     def _kill_overdue(self, now):
         for worker in self.workers.values():
-            if now >= worker.kill_at:  # told to stop (a stop, a reload, a recycle) long ago
+            if worker.state == _RETIRING and now >= worker.kill_at:  # told to stop long ago
                 self.log_line(f"worker {worker.pid} still runs "
                               f"{self.graceful_timeout + WORKER_KILL_AFTER:g} s after it was "
                               f"told to stop: killed")
                 self._signal(worker, signal.SIGKILL)
+                worker.move(_KILLED)
                 worker.kill_at = float("inf")
 
     def _keep_up(self, now):
         """Start what is missing of this generation; once all of it serves, retire the rest."""
         current = [w for w in self.workers.values()
-                   if w.generation == self.generation and not (w.retiring or w.replacing)]
+                   if w.generation == self.generation and w.state in (_FORKED, _WORKING)]
         if len(current) < self.count and now >= self.retry_at:
             for _ in range(self.count - len(current) if self.proven else 1 - len(current)):
                 current.append(self._spawn(now))
@@ -3071,7 +3422,9 @@ class _Master:
     def _ended(self, worker, status, now):
         """A worker was reaped with ``status`` (os.waitpid's)."""
         del self.workers[worker.pid]
-        if self.stopping or worker.retiring:
+        ended_as = worker.state
+        worker.move(_REAPED)
+        if self.stopping or ended_as in (_RETIRING, _KILLED):
             return
         if os.WIFSIGNALED(status):
             how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
@@ -3091,7 +3444,7 @@ class _Master:
                               f"the old workers keep serving")
                 self._notify("READY=1")
                 return
-        if worker.replacing:  # it stopped by itself (--max-worker-memory), or died meanwhile
+        if ended_as == _REPLACING:  # it stopped by itself (--max-worker-memory), or died
             if status:
                 self.log_line(f"worker {worker.pid} {how} before its replacement served")
             return
@@ -3180,8 +3533,8 @@ class _Master:
         """The child: become a worker, serve until told to stop, and exit -- never return."""
         status = 1
         try:
-            global _WHO
-            _WHO = f"{PROG}[{os.getpid()}]"
+            global _LOG_PREFIX
+            _LOG_PREFIX = f"{PROG}[{os.getpid()}]"
             # If the master dies, SIGTERM -- even while the app loads, before the channel is
             # watched (Linux; elsewhere the channel alone).  It may have died already.
             _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -3211,10 +3564,10 @@ class _Master:
                 # too; at a stop, no one else), unless the socket is systemd's to keep.
                 server.leave_backlog = self.server.listen_address.inherited
                 server.set_app(app)
-                _serve_until_signal(server, lambda: server.tell_master("R"))
+                _serve_until_signal(server, lambda: server.tell_master("R"), in_worker=True)
             status = 0
         except ServeError as exc:
-            _log_write(sys.stderr, f"{_WHO}: {exc}\n")
+            _log_write(sys.stderr, f"{_LOG_PREFIX}: {exc}\n")
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -3319,7 +3672,7 @@ class _WorkerServer(WSGIServer):
                              f"{'its client got 504' if answered else 'its connection was closed'}")
 
 
-# --- §8 API -------------------------------------------------------------------------------
+# --- §9 API -------------------------------------------------------------------------------
 
 def make_server(address, app, server_class=WSGIServer, handler_class=WSGIRequestHandler, **options):
     """Return a bound, listening WSGIServer for ``app`` on ``address`` (a context manager).
@@ -3337,7 +3690,7 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
     """Serve ``app`` on ``address`` until SIGTERM or SIGINT (or shutdown()), then clean up.
 
     ``app`` is a WSGI callable, or its name as text, ``"MODULE:CALLABLE"`` (as --app takes it).
-    With ``workers`` above 1, a master process forks that many workers (§7): a name is then
+    With ``workers`` above 1, a master process forks that many workers (§8): a name is then
     imported by each worker, so that SIGHUP's reload loads new code; a callable is inherited
     as it is.  The recycling keywords (``max_requests``, ``max_requests_jitter``,
     ``max_worker_memory``, ``request_timeout``: see DEFAULTS) need that master: with any of
@@ -3366,108 +3719,13 @@ def serve(app, address, workers=DEFAULTS["workers"], **options):
         _serve_until_signal(server, ready)
 
 
-def _warn_about(server, options):
-    if os.getpid() == 1:
-        _log_write(sys.stderr, f"{PROG}: warning: running as PID 1: orphaned processes that the "
-                               f"app's subprocesses leave are not reaped; run the container "
-                               f"with an init (docker run --init)\n")
-    if server.listen_address.kind == "abstract":
-        _log_write(sys.stderr, f"{PROG}: warning: {server} is an abstract socket: anyone in this "
-                               f"network namespace can connect to it, and while this server is "
-                               f"down, bind it and receive its requests; a socket file is safer\n")
-    elif server.listen_address.kind == "unix" and options.get("mode", 0) & 0o002:
-        # connect() needs write permission: "others" may send requests.
-        _log_write(sys.stderr, f"{PROG}: warning: mode {options['mode']:o} lets every local user "
-                               f"connect to {server}; 660 with --group is the usual choice\n")
-
-
-def _serve_until_signal(server, on_ready):
-    """server.serve_forever() with the _SIGNALS handlers in place (from the main thread
-    only); ServeError if a second signal stopped it at once."""
-    signalled = []
-
-    def say(line):
-        try:
-            # The handler may have interrupted this thread in a write to stderr: another write
-            # through sys.stderr would raise "reentrant call" (and end serve_forever()); one
-            # os.write() of the whole line cannot.
-            os.write(sys.stderr.fileno(), f"{_WHO}: {line}\n".encode("utf-8", "replace"))
-        except (AttributeError, ValueError, io.UnsupportedOperation):
-            server.log_line(line)  # a stream with no descriptor (redirected in-process)
-        except OSError:
-            pass  # a log that cannot be written: nothing to say it with
-
-    def stop(signum, frame):
-        # A second signal stops at once (as gunicorn's and uvicorn's users expect); a stop
-        # begun otherwise (a worker's master, shutdown()) does not count as a first.
-        name = signal.Signals(signum).name
-        if signalled:
-            say(f"{name}: a second signal: stopping at once")
-            server.request_stop(at_once=True)
-            return
-        signalled.append(signum)
-        why = ""
-        if signum == getattr(signal, "SIGHUP", None) and not isinstance(server, _WorkerServer):
-            why = " (one process does not reload: with --workers N, SIGHUP reloads)"
-        say(f"{name}: stopping gracefully{why}")
-        _notify_systemd("STOPPING=1")
-        server.request_stop()
-
-    def ignore(signum, frame):
-        say(f"{signal.Signals(signum).name} means nothing here; ignored (SIGTERM stops, "
-            f"SIGHUP too, SIGUSR1 reopens the access log)")
-
-    def reopen(signum, frame):
-        server.request_reopen()
-    actions = {"stop": stop, "ignore": ignore, "reopen": reopen}
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum, action in _SIGNALS:
-            handlers[signum] = signal.signal(signum, actions[action])
-    try:
-        server.on_ready = on_ready
-        server.serve_forever()
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    if server.stopped_at_once:
-        raise ServeError(f"{server}: stopped at once by a second signal; requests in flight "
-                         f"were cut")
-
-
-# The signals serve() handles.  Every signal whose default action ends the process and that a
-# server may be sent by an operator or a supervisor stops it gracefully (the socket file is
-# removed), reopens the access log (SIGUSR1, as nginx's), or is ignored with a log line;
-# SIGKILL cannot be caught, and a fault (SIGSEGV, ...) or a profiler's signal (SIGPROF,
-# SIGVTALRM) is left as it is.  SIGPIPE and SIGXFSZ are ignored by Python already.
-_SIGNALS = [(getattr(signal, name), action) for name, action in (
-    ("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"), ("SIGQUIT", "stop"),
-    ("SIGALRM", "stop"), ("SIGXCPU", "stop"), ("SIGPWR", "stop"),
-    ("SIGUSR1", "reopen"), ("SIGUSR2", "ignore")) if hasattr(signal, name)]
-
-
-def _notify_systemd(state):
-    """Tell systemd (Type=notify) how we are, if it asked: sd_notify(3), in a few lines."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    if not address:
-        return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as exc:
-        _log_write(sys.stderr, f"{PROG}: cannot notify systemd at {address!r}: {exc.strerror}\n")
-
-
-# --- §9 The example app: a command per request --------------------------------------------
+# --- §10 The example app: a command per request -------------------------------------------
 
 DEFAULT_COMMAND = ["date", "-u"]  # in coreutils and busybox, and new on every request
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a command that ran out of time
 
 
-def command_app(argv, *, cgi=False, pass_env=(), max_body=1 << 20, max_output=16 << 20,
-                timeout=30.0, methods=("GET", "HEAD", "POST"), max_procs=8):
+def command_app(argv, **settings):
     """A WSGI app that runs the command ``argv`` for each request: a small CGI gateway.
 
     The command is exactly ``argv`` -- no shell, no request data in its arguments.  It gets
@@ -3478,8 +3736,11 @@ def command_app(argv, *, cgi=False, pass_env=(), max_body=1 << 20, max_output=16
     running after ``timeout`` seconds 504; either way its whole process group is killed.
     Raises ServeError at once if the command cannot be found.
     """
-    return _CommandApp([str(arg) for arg in argv], cgi, pass_env, max_body, max_output, timeout,
-                       methods, max_procs)
+    unknown = set(settings) - set(COMMAND_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
+    return _CommandApp([str(arg) for arg in argv],
+                       **_checked(dict(COMMAND_DEFAULTS, **settings), "command"))
 
 
 class _CommandApp:
@@ -3633,7 +3894,7 @@ class _CommandApp:
             # (a FIN): POLLRDHUP (Linux) says the client left even when it sent more bytes than
             # its request; elsewhere a readable socket is peeked at.
             unix = client.family == socket.AF_UNIX
-            poller.register(client, _CLIENT_CLOSED if unix else _CLIENT_HUNG_UP or select.POLLIN)
+            poller.register(client, _POLL_PEER_CLOSED if unix else _POLL_PEER_HUNG_UP or select.POLLIN)
         exited = _pidfd(proc.pid)  # readable once the command has exited (Linux 5.3+)
         if exited is not None:
             poller.register(exited, select.POLLIN)
@@ -3663,7 +3924,7 @@ class _CommandApp:
                             poller.unregister(stdin)
                             proc.stdin.close()
                     elif client is not None and fd == client.fileno():
-                        if unix or _CLIENT_HUNG_UP or _client_gone(client):
+                        if unix or _POLL_PEER_HUNG_UP or _peer_closed(client):
                             return "client gone", b""
                         poller.unregister(client)  # it sent more, so it is still there
                     else:
@@ -3735,7 +3996,7 @@ class _CommandApp:
 
     def _log(self, environ, text):
         """One line of the command's stderr in the server log, prefixed with the request."""
-        line = f"{_WHO}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
+        line = f"{_LOG_PREFIX}: {environ['REQUEST_METHOD']} {environ['PATH_INFO']}: {text}"
         _log_write(environ["wsgi.errors"], line.translate(_LOG_ESCAPES) + "\n")
 
     def kill_all(self):
@@ -3746,10 +4007,6 @@ class _CommandApp:
             _kill_group(pid, signal.SIGKILL)
         self._running.clear()
         self._kill_orphans(groups)
-
-
-def _nothing():
-    pass
 
 
 # How much of one command's stderr goes to the log: the log is for messages, not a data
@@ -3767,9 +4024,9 @@ _FAILURES = {
 
 
 # Linux: poll() flags a peer that hung up even while unread bytes wait (0 elsewhere).
-_CLIENT_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
+_POLL_PEER_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
                                                         select.POLLERR)
-_CLIENT_CLOSED = select.POLLHUP | select.POLLERR
+_POLL_PEER_CLOSED = select.POLLHUP | select.POLLERR
 
 
 def _pidfd(pid):
@@ -3780,16 +4037,7 @@ def _pidfd(pid):
         return None
 
 
-def _become_subreaper():
-    """Make orphaned descendants our children (Linux prctl(PR_SET_CHILD_SUBREAPER)), so that
-    a command's setsid() daemon can be found and killed.  False where it cannot be done."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-
-_SUBREAPER = False  # set when the command app made us the subreaper
-
-
-def _client_gone(sock):
+def _peer_closed(sock):
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -3846,7 +4094,7 @@ def _command_path():
     return os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
 
 
-# --- §10 The command line -----------------------------------------------------------------
+# --- §11 The command line -----------------------------------------------------------------
 
 _HELP_EPILOG = """\
 addresses:
@@ -3875,65 +4123,21 @@ CHECK_TIMEOUT = 5.0  # --check's --timeout: a probe that waits long only delays 
 
 
 def _parse_command_line(argv):
+    """(args, command, server settings, command app settings) from the command line; a usage
+    error exits with status 2 and one line."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, not argparse's usage block
             self.exit(2, f"{PROG}: {message} (see --help)\n")
 
-    def mode(text):
-        try:
-            value = int(text, 8)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 600 or 660")
-        if not 0 <= value <= 0o777:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a mode from 000 to 777")
-        return value
-
-    def positive(kind):
-        def check(text):
+    def typed(read):
+        def convert(text):
             try:
-                value = kind(text)
-            except ValueError:
-                value = 0
-            if not 0 < value < float("inf"):  # also refuses nan
-                raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-            return value
-        return check
-
-    def non_negative(kind):
-        def check(text):
-            try:
-                value = kind(text)
-            except ValueError:
-                value = -1
-            if not 0 <= value < float("inf"):  # also refuses nan
-                raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 up")
-            return value
-        return check
-
-    def script_name(text):
-        if text and (not text.startswith("/") or text.endswith("/")):
-            raise argparse.ArgumentTypeError(f"{text!r} should look like /prefix")
-        return text
-
-    def size(text):
-        match = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
-        if not match:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a size like 65536, 64K or 16M")
-        return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
-
-    def ip_addresses(text):
-        try:
-            return _ip_addresses(text.split(","))
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc))
-
-    def methods(text):
-        names = [name.strip().upper() for name in text.split(",")]
-        if not all(_TOKEN.match(name.encode()) for name in names):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a list like GET,HEAD,POST")
-        return names
+                return read(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return convert
 
     parser = Parser(
         prog=f"python3 {os.path.basename(sys.argv[0]) or 'wsgi_unix.py'}",
@@ -3945,99 +4149,29 @@ def _parse_command_line(argv):
                     "once per request (default: date -u) -- on a Unix socket, safely.",
         epilog=_HELP_EPILOG)
     parser.add_argument("address", metavar="ADDRESS", help="where to listen (forms below)")
-    server = parser.add_argument_group("server")
-    server.add_argument("--app", metavar="MODULE:CALLABLE",
-                        help="serve this WSGI callable, imported from the current directory")
-    server.add_argument("--mode", type=mode, metavar="OCTAL",
-                        help="socket file mode, in force before listen() (default: 600; nginx: 660)")
-    server.add_argument("--group", metavar="NAME|GID",
-                        help="socket file group, e.g. www-data (default: the process's group)")
-    server.add_argument("--workers", type=positive(int), metavar="N",
-                        help="processes, each with --threads threads, on one socket: a master "
-                             "starts them, replaces one that dies, reloads them on SIGHUP "
-                             "(default: 1, and no master, unless a recycling option is given)")
-    server.add_argument("--threads", type=positive(int), default=DEFAULTS["threads"], metavar="N",
-                        help="threads that run the app: at most N requests at once; waiting "
-                             "connections hold none (default: %(default)s)")
-    server.add_argument("--timeout", type=positive(float), metavar="SECONDS",
-                        help=f"for the request head to arrive, then for each 64 KiB of its body "
-                             f"or of the response (default: {DEFAULTS['timeout']:g}; with "
-                             f"--check, {CHECK_TIMEOUT:g}); then 408 or a close.  It does not "
-                             f"bound the app (see --request-timeout); when every thread has "
-                             f"been in one request this long, a line says so, once a minute at "
-                             f"most")
-    server.add_argument("--keep-alive", type=non_negative(float), default=DEFAULTS["keep_alive"],
-                        metavar="SECONDS",
-                        help="how long an idle HTTP/1.1 connection stays open (default: "
-                             "%(default)g, longer than proxies keep theirs); 0: one request each")
-    server.add_argument("--graceful-timeout", type=positive(float),
-                        default=DEFAULTS["graceful_timeout"], metavar="SECONDS",
-                        help="for requests in flight to finish after SIGTERM (default: %(default)g)")
-    server.add_argument("--max-connections", type=positive(int), default=DEFAULTS["max_connections"],
-                        metavar="N",
-                        help="open at once; when all are taken, the longest idle or unfinished "
-                             "one gives way (default: %(default)s)")
-    server.add_argument("--max-request-body", type=size, default=DEFAULTS["max_request_body"],
-                        metavar="SIZE",
-                        help="largest request body, received before the app runs (default: 1G); "
-                             "larger gets 413")
-    server.add_argument("--max-spool", type=size, default=DEFAULTS["max_spool"], metavar="SIZE",
-                        help="bytes of request bodies (those over 512K) spooled to the "
-                             "temporary directory, TMPDIR, at once (default: half its free "
-                             "space at start-up); a body that does not fit gets 503")
-    server.add_argument("--allow-uid", metavar="UID[,UID...]",
-                        help="only these users (names or numbers) may send requests; others get "
-                             "403 (Unix sockets, Linux)")
-    server.add_argument("--proxy-headers", action="store_true",
-                        help="take REMOTE_ADDR from X-Forwarded-For and the scheme from "
-                             "X-Forwarded-Proto, from Unix peers and --forwarded-allow-ips only")
-    server.add_argument("--forwarded-allow-ips", type=ip_addresses, default=set(), metavar="IP[,IP...]",
-                        help="TCP peers whose proxy headers are trusted (default: none)")
-    server.add_argument("--script-name", metavar="/PREFIX", type=script_name, default="",
-                        help="mount the app under this path; requests outside it get 404")
-    server.add_argument("--access-log", metavar="PATH|-",
-                        help="where the access log goes: a file (appended to; SIGUSR1 reopens "
-                             "it), or - for stdout (what containers collect) (default: stderr)")
-    server.add_argument("--quiet", action="store_true", help="no access log")
-    server.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    server.add_argument("--check", action="store_true",
-                        help="be a health probe instead: GET PATH (default: /) from the server "
-                             "at ADDRESS; exit 0 on a 2xx or 3xx within --timeout, else 1 with "
-                             "a line saying why")
-    recycling = parser.add_argument_group(
-        "recycling (with --workers N, N >= 1: a worker is replaced, its replacement serving "
-        "first)")
-    recycling.add_argument("--max-requests", type=positive(int), metavar="N",
-                           help="after N requests (an app that leaks memory)")
-    recycling.add_argument("--max-requests-jitter", type=non_negative(int), default=0,
-                           metavar="J",
-                           help="after N plus 0 to J requests, drawn for each worker (so that "
-                                "they are not all replaced at once)")
-    recycling.add_argument("--max-worker-memory", type=size, metavar="SIZE",
-                           help="once its resident memory passed SIZE (e.g. 500M) after a "
-                                "request (an app that leaks, or a request that bloats it)")
-    recycling.add_argument("--request-timeout", type=positive(float), metavar="SECONDS",
-                           help="once a request has run this long (an app stuck on a dead "
-                                "database): the request gets 504, the worker's other requests "
-                                "get --graceful-timeout (default: off)")
-    gateway = parser.add_argument_group("the command (without --app)")
-    gateway.add_argument("--cgi", action="store_true",
-                         help="the output starts with CGI headers (Status:, Content-Type:, ...)")
-    gateway.add_argument("--pass-env", metavar="NAME[,NAME...]", action="append", default=[],
-                         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
-                         help="pass these variables of ours to the command (repeatable); it gets "
-                              "PATH and the request's CGI variables, nothing else")
-    gateway.add_argument("--max-body", type=size, default="1M", metavar="SIZE",
-                         help="largest request body, for stdin (default: 1M); larger gets 413")
-    gateway.add_argument("--max-output", type=size, default="16M", metavar="SIZE",
-                         help="largest output (default: 16M); more gets 502")
-    gateway.add_argument("--command-timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                         help="to finish (default: %(default)g); then its process group is killed, 504")
-    gateway.add_argument("--methods", type=methods, default="GET,HEAD,POST", metavar="LIST",
-                         help="allowed request methods (default: %(default)s); others get 405")
-    gateway.add_argument("--max-procs", type=positive(int), metavar="N",
-                         help="commands running at once in each process (default: --threads; "
-                              "with --workers N, N times as many in all); others wait, then 503")
+    groups = {"server": parser.add_argument_group("server"),
+              "recycling": parser.add_argument_group(
+                  "recycling (with --workers N, N >= 1: a worker is replaced, its replacement "
+                  "serving first)"),
+              "command": parser.add_argument_group("the command (without --app)")}
+    groups["server"].add_argument("--app", metavar="MODULE:CALLABLE",
+                                  help="serve this WSGI callable, imported from the current "
+                                       "directory")
+    for setting in _SETTINGS:
+        group = groups["recycling" if setting["name"] in _RECYCLING else setting["for"]]
+        if setting["kind"] is _FLAG:
+            group.add_argument(setting["option"], action="store_true", help=setting["help"])
+        else:
+            group.add_argument(setting["option"], type=typed(setting["kind"][1]),
+                               metavar=setting["metavar"],
+                               action="append" if setting["name"] == "pass_env" else "store",
+                               help=f"{setting['help']} (default: {setting['shown']})")
+    groups["server"].add_argument("--quiet", action="store_true", help="no access log")
+    groups["server"].add_argument("--check", action="store_true",
+                                  help="be a health probe instead: GET PATH (default: /) from "
+                                       "the server at ADDRESS; exit 0 on a 2xx or 3xx within "
+                                       "--timeout, else 1 with a line saying why")
+    groups["server"].add_argument("--version", action="version", version=f"{PROG} {__version__}")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = []
     if "--" in argv:
@@ -4057,35 +4191,42 @@ def _parse_command_line(argv):
                          f"{PROG}.py {args.address} -- {' '.join(unknown)})")
         option = options[0].split("=", 1)[0]
         parser.error(f"unknown option {options[0]}" + _HABITS.get(option, ""))
-    defaults = vars(parser.parse_known_args([args.address])[0])
+    given = {}  # keyword -> value, of the settings given
+    for setting in _SETTINGS:
+        value = getattr(args, setting["option"][2:].replace("-", "_"))
+        if value is not None and value is not False:  # (0 is given: --keep-alive 0)
+            given[setting["for"], setting["name"]] = (setting["option"], value)
     if args.check:
-        given = [action.option_strings[0] for action in parser._actions
-                 if action.dest not in ("check", "timeout", "address", "help", "version")
-                 and getattr(args, action.dest) != defaults[action.dest]]
-        if given or command:
-            parser.error(f"--check takes an ADDRESS, a PATH and --timeout, not "
-                         f"{given[0] if given else 'a command'}")
+        others = [option for (_, name), (option, _) in given.items() if name != "timeout"]
+        others += ["--app"] * bool(args.app) + ["--quiet"] * args.quiet + ["a command"] * bool(command)
+        if others:
+            parser.error(f"--check takes an ADDRESS, a PATH and --timeout, not {others[0]}")
         args.timeout = args.timeout or CHECK_TIMEOUT
-        return args, command
-    args.timeout = args.timeout or DEFAULTS["timeout"]
-    recycling = [option for option, name in _RECYCLING_OPTIONS if getattr(args, name)]
+        return args, command, {}, {}
+    recycling = [option for (_, name), (option, _) in given.items() if name in _RECYCLING]
     if recycling and args.workers is None:
         parser.error(f"{recycling[0]} needs --workers N (1 or more): a worker is recycled by "
                      f"starting another process before it stops (a thread cannot be killed), "
                      f"which a master does")
     if args.max_requests_jitter and not args.max_requests:
         parser.error("--max-requests-jitter goes with --max-requests")
-    args.workers = args.workers or DEFAULTS["workers"]
     if args.app and command:
         parser.error("give either --app or a COMMAND, not both")
-    if args.app:
-        given = [option for option, name in _COMMAND_OPTIONS
-                 if getattr(args, name) != defaults[name]]
-        if given:
-            parser.error(f"{given[0]} is for the command app; it does nothing with --app")
+    for_command = [option for (whose, _), (option, _) in given.items() if whose == "command"]
+    if args.app and for_command:
+        parser.error(f"{for_command[0]} is for the command app; it does nothing with --app")
     if args.forwarded_allow_ips and not args.proxy_headers:
         parser.error("--forwarded-allow-ips goes with --proxy-headers")
-    return args, command
+    server = dict(DEFAULTS, **{name: value for (whose, name), (_, value) in given.items()
+                               if whose == "server"})
+    # A group is given so that its members may connect, which needs write permission.
+    server["mode"] = args.mode if args.mode is not None else 0o660 if args.group else 0o600
+    app = dict(COMMAND_DEFAULTS, max_procs=server["threads"])
+    app.update((name, value) for (whose, name), (_, value) in given.items() if whose == "command")
+    app["pass_env"] = [name for names in app["pass_env"] for name in names]
+    if not args.app:  # a command gets no more than --max-body: refuse a larger one before it comes
+        server["max_request_body"] = min(server["max_request_body"], app["max_body"])
+    return args, command, server, app
 
 
 # Options from gunicorn's habits, and how to say them here.
@@ -4101,16 +4242,6 @@ _HABITS = {
                    "latter)",
 }
 _HABITS["--bind"] = _HABITS["-b"]
-
-_RECYCLING_OPTIONS = [("--max-requests", "max_requests"), ("--max-worker-memory",
-                                                           "max_worker_memory"),
-                      ("--request-timeout", "request_timeout")]
-
-# The command app's options: with --app they would do nothing, so they are a usage error.
-_COMMAND_OPTIONS = [("--cgi", "cgi"), ("--pass-env", "pass_env"), ("--max-body", "max_body"),
-                    ("--max-output", "max_output"), ("--command-timeout", "command_timeout"),
-                    ("--methods", "methods"), ("--max-procs", "max_procs")]
-
 
 def _check(text, path, timeout):
     """--check: one GET, as a health probe makes it; 0 for a 2xx or 3xx, else 1 and why."""
@@ -4180,97 +4311,9 @@ def _access_log(args):
         raise ServeError(f"--access-log {args.access_log}: cannot open it: {exc.strerror}") from None
 
 
-def _load_app(spec):
-    """The WSGI app ``spec`` names: ``MODULE[:NAME[.NAME]]``, or ``MODULE:FACTORY(ARGS)``
-    (gunicorn's form: the factory is called once, with literal arguments only -- no eval)."""
-    import importlib
-    module_name, _, target = spec.partition(":")
-    target, arguments = target or "application", None
-    call = re.fullmatch(r"([\w.]+)\((.*)\)", target, re.S)
-    if call:
-        target, arguments = call.group(1), _literal_arguments(spec, call.group(2))
-    sys.path.insert(0, os.getcwd())  # as gunicorn does: the app sits next to us
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name.split(".")[0] and exc.name != module_name:
-            _print_app_traceback(exc)
-            raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
-                             f"above)") from None
-        hint = ""
-        if module_name.endswith(".py"):  # a file name where a module name goes
-            hint = f"; the module of {module_name} is {module_name[:-3]}: --app " \
-                   f"{module_name[:-3]}:{target}"
-        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}{hint}") from None
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        _print_app_traceback(exc)
-        raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
-                         f"above)") from None
-    for part in target.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            import difflib
-            close = difflib.get_close_matches(part, [name for name in dir(obj)
-                                                     if not name.startswith("_")], 1)
-            hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
-            raise ServeError(f"--app {spec}: {module_name} has no {target}{hint}") from None
-    if arguments is not None:
-        try:
-            obj = obj(*arguments[0], **arguments[1])
-        except Exception as exc:
-            _print_app_traceback(exc)
-            raise ServeError(f"--app {spec}: calling {target}() failed (its traceback is "
-                             f"above)") from None
-    _check_wsgi_callable(obj, spec, f"{module_name}:{target}")
-    return obj
-
-
-def _literal_arguments(spec, text):
-    """(args, kwargs) of a factory call written with literals only, or ServeError."""
-    import ast
-    try:
-        node = ast.parse(f"f({text})", mode="eval").body
-        return ([ast.literal_eval(arg) for arg in node.args],
-                {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords})
-    except (SyntaxError, ValueError, TypeError):
-        raise ServeError(f"--app {spec}: the factory's arguments must be literals, like "
-                         f"create_app('production', debug=False)") from None
-
-
-def _check_wsgi_callable(obj, spec, name):
-    """Refuse at start-up what every request would answer with 500."""
-    import inspect
-    if not callable(obj):
-        raise ServeError(f"--app {spec}: {name} is not callable")
-    try:
-        inspect.signature(obj).bind(object(), object())
-    except TypeError:
-        try:
-            factory = not inspect.signature(obj).parameters
-        except (TypeError, ValueError):
-            factory = False
-        hint = f"; is it a factory? write --app '{name}()'" if factory else ""
-        raise ServeError(f"--app {spec}: {name} cannot be called with (environ, start_response), "
-                         f"so it is not a WSGI app{hint}") from None
-    except ValueError:
-        pass  # no signature to read (a builtin): let it be
-
-
-def _print_app_traceback(exc):
-    """The app's traceback on stderr: its frames, not ours nor importlib's."""
-    tb, ours = exc.__traceback__, os.path.abspath(__file__)
-    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == ours
-                              or "importlib" in tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    _log_write(sys.stderr, "".join(traceback.format_exception(type(exc), exc, tb)))
-
-
 def main(argv=None):
     """The command line; returns the exit status (0 clean stop, 1 failure, 2 usage error)."""
-    args, command = _parse_command_line(argv)
+    args, command, settings, app_settings = _parse_command_line(argv)
     if args.check:
         return _check(args.address, args.path, args.timeout)
     access_log = None
@@ -4280,30 +4323,10 @@ def main(argv=None):
             where = ("systemd's SocketMode= and SocketGroup= set them" if address.inherited
                      else "this address has no socket file")
             raise AddressError(f"{address}: --mode and --group are a socket file's; {where}")
-        if args.app:
-            app = args.app  # serve() imports it: in each worker, if there are workers
-        else:
-            app = command_app(command or DEFAULT_COMMAND, cgi=args.cgi,
-                              pass_env=[name for names in args.pass_env for name in names],
-                              max_body=args.max_body, max_output=args.max_output,
-                              timeout=args.command_timeout, methods=args.methods,
-                              max_procs=args.max_procs or args.threads)
-        # A group is given so that its members may connect, which needs write permission.
-        mode = args.mode if args.mode is not None else 0o660 if args.group else DEFAULTS["mode"]
-        access_log = _access_log(args)
-        serve(app, address, workers=args.workers, mode=mode,
-              group=args.group, threads=args.threads, timeout=args.timeout,
-              keep_alive=args.keep_alive, graceful_timeout=args.graceful_timeout,
-              max_connections=args.max_connections, access_log=access_log,
-              # a command gets no more than --max-body: refuse a larger one before it comes
-              max_spool=args.max_spool,
-              max_request_body=args.max_request_body if args.app else min(args.max_request_body,
-                                                                           args.max_body),
-              allow_uids=args.allow_uid.split(",") if args.allow_uid else None,
-              proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
-              script_name=args.script_name, max_requests=args.max_requests,
-              max_requests_jitter=args.max_requests_jitter,
-              max_worker_memory=args.max_worker_memory, request_timeout=args.request_timeout)
+        # serve() imports an --app: in each worker, if there are workers
+        app = args.app or command_app(command or DEFAULT_COMMAND, **app_settings)
+        access_log = settings["access_log"] = _access_log(args)
+        serve(app, address, **settings)
     except AddressError as exc:
         _log_write(sys.stderr, f"{PROG}: {exc}\n")
         return 2
