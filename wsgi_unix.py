@@ -32,21 +32,17 @@ two; the same WSGI app runs unchanged under gunicorn or uWSGI when you need more
 
 Map of this file.  Each section uses only those above it (a test checks):
 
-  §1 settings and errors     DEFAULTS and the checks of every setting, the limits, the errors,
-                             the log writer that never raises, descriptor limits
+  §1 settings and errors     the settings table (DEFAULTS, checks, options), limits, log writer
   §2 addresses               ListenAddress: parsing, bind/listen, the socket file's lifecycle
   §3 HTTP/1.x on bytes       no I/O: the request reader, body decoders, the error answer
   §4 socket I/O              the progress rule, sending with deadlines, the received body
-  §5 the engine              connections and their states, the selector, leader/follower
-                             threads, the watchdog, stopping
-  §6 wsgiref glue            WSGIServer (settings, policy, serve_forever), WSGIRequestHandler
-                             (the environ, the access log), ServerHandler (response framing)
+  §5 the engine              connection states, the selector, leader/followers, the watchdog
+  §6 wsgiref glue            WSGIServer, WSGIRequestHandler (environ, log), ServerHandler
   §7 processes               signals, systemd's notification, loading the app, prctl
-  §8 worker processes        the master's decisions and what they do: start, replace,
-                             recycle, reload, stop, kill; a worker's server
+  §8 worker processes        the master's decisions (start, recycle, reload, kill), a worker
   §9 API                     make_server, serve
   §10 the example app        command_app: a command per request
-  §11 CLI                    argparse from DEFAULTS, --check, main
+  §11 CLI                    argparse from the settings table, --check, main
 
 To change how threads take connections, read §5; to change parsing, §3; what the app sees, §6;
 how processes are managed, §8.
@@ -99,10 +95,9 @@ _TOKEN = re.compile(_TOKEN_CHARS + rb"+\Z")
 
 
 def _number(integer=False, low=0, above=False, size=False):
-    """A kind of setting: a number from ``low`` up (``above``: past it), whole if ``integer``;
-    a ``size`` is read as 65536, 64K, 16M or 1G.  Returns (check, read): check(name, value)
-    takes a value from Python, read(text) one from the command line; each returns the value,
-    or raises TypeError or ValueError saying what was expected."""
+    """A kind of setting, (check, read): check(name, value) a value from Python, read(text) one
+    from the command line, each the value or TypeError/ValueError; here a number from ``low``
+    up (``above``: past it), whole if ``integer``, a ``size`` read as 65536, 64K, 16M or 1G."""
     kinds = (int,) if integer else (int, float)
     expected = ("a size like 65536, 64K or 16M" if size else "a positive number" if above
                 else f"a number from {low} up")
@@ -140,12 +135,9 @@ def _check_mode(name, mode):
 
 def _read_mode(text):
     try:
-        value = int(text, 8)
+        return _check_mode("mode", int(text, 8))
     except ValueError:
-        raise ValueError(f"{text!r} is not an octal mode like 600 or 660") from None
-    if not 0 <= value <= 0o777:
-        raise ValueError(f"{text!r} is not a mode from 000 to 777")
-    return value
+        raise ValueError(f"{text!r} is not an octal mode from 000 to 777, like 660") from None
 
 
 def _read_prefix(text):
@@ -194,10 +186,9 @@ _SECONDS = _number(above=True)
 _FLAG = (_as_is, None)
 _TEXT = (_as_is, str)
 
-# Every setting, in one place: its keyword (WSGIServer's, serve()'s, make_server()'s -- or
-# command_app()'s, "for": "command"), its default, its kind, its command-line option
-# (--name, or as given), metavar, the default as --help and the README show it, and its help.
-# DEFAULTS, the checks, argparse and the README's options table (a test compares) read it.
+# Every setting: its keyword (serve()'s, make_server()'s, WSGIServer's; or command_app()'s),
+# default, kind, option (--name unless given), metavar, default as shown, and help.  DEFAULTS,
+# the checks, argparse and the README's options table (a test compares) read it.
 _SETTINGS = [dict(zip(("for", "name", "default", "kind", "option", "metavar", "shown", "help"),
                       row)) for row in [
     ("server", "mode", 0o600, (_check_mode, _read_mode), None, "OCTAL", "600; 660 with --group",
@@ -1444,10 +1435,19 @@ _MOVES = {
 _EVICTABLE = (_IDLE, _LINGER, _HEAD, _BODY)
 
 
+def _move(self, state):
+    """A connection's or a worker's move() (h11's way: the table of moves is the truth)."""
+    if state not in self.MOVES[self.state]:
+        raise RuntimeError(f"a {type(self).__name__[1:].lower()} cannot go from {self.state} "
+                           f"to {state}")
+    self.state = state
+
+
 class _Connection:
     """One client connection, from accept() to close.  One thread owns it at a time: the leader
     while it waits in the selector or in the ready queue, the thread that serves its request."""
 
+    MOVES, move = _MOVES, _move
     __slots__ = ("sock", "address", "peer", "reader", "state", "deadline", "progress", "served",
                  "request", "registered", "outcome", "writer")
 
@@ -1462,11 +1462,6 @@ class _Connection:
         self.registered = 0  # in the selector: for what (EVENT_READ, or EVENT_WRITE)
         self.outcome = None  # how its response ended, for the leader to act on
         self.writer = None  # the _SocketWriter of its latest response
-
-    def move(self, state):
-        if state not in _MOVES[self.state]:
-            raise RuntimeError(f"a connection cannot go from {self.state} to {state}")
-        self.state = state
 
 
 class _Leadership:
@@ -1626,7 +1621,8 @@ class _Engine:
         follower -> serving   apps wait and a request is ready: it runs it without the lead
         leader   -> serving   it takes a ready request: inline, keeping the lead, while apps are
                               quick, else it hands the lead to a follower first (if one waits);
-                              the watchdog takes the lead from it after PROMOTE_AFTER in one app
+                              after PROMOTE_AFTER in one app the watchdog demotes it (if a
+                              follower waits to lead)
         serving  -> leader    back from the app: it still leads, or the lead is vacant, or the
                               leader is in an app (then nobody watches the selector)
         serving  -> follower  back from the app while another thread waits in the selector
@@ -2136,11 +2132,9 @@ class _Engine:
             self._stop_done = True
 
     def watch(self, wake, every, tick):
-        """The main thread while the server serves: the watchdog.  While apps are quick the
-        leader serves them inline, and one that turns out to wait must not keep the lead for
-        long: every PROMOTE_AFTER it is looked at (else every ``every`` seconds).  A line says
-        when every thread has been in one app for --timeout (once a minute at most).  Returns
-        when ``tick()``, called each time, returns True; a byte on ``wake`` wakes it."""
+        """The main thread while it serves: the watchdog.  While apps are quick, the leader
+        that turns out to be in one that waits loses the lead after PROMOTE_AFTER; a line says
+        when every thread has been in one app for --timeout.  Until ``tick()`` returns True."""
         poller = select.poll()
         poller.register(wake, select.POLLIN)
         next_stuck_check = time.monotonic()
@@ -2338,12 +2332,10 @@ class WSGIServer(simple_server.WSGIServer):
     def serve_forever(self, poll_interval=1.0):
         """Serve until shutdown() or request_stop(), then stop gracefully.
 
-        Runs ``threads`` threads (§5); this thread runs the engine's watchdog (_Engine.watch):
-        while apps are quick, the leader serves them inline, and when it has been in one app
-        for PROMOTE_AFTER seconds, a follower takes over (see _Leadership).  ``poll_interval`` is how often timed-out
-        connections are looked for.  Once the threads serve, it calls
-        ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new connections,
-        idle ones close, requests in flight get ``graceful_timeout`` seconds.
+        Runs ``threads`` threads (§5); this thread runs the engine's watchdog (_Engine.watch).
+        ``poll_interval`` is how often timed-out connections are looked for.  Once the threads
+        serve, it calls ``on_ready()`` if set (serve() says so on stderr then).  On stop: no new
+        connections, idle ones close, requests in flight get ``graceful_timeout`` seconds.
         """
         self._stopped.clear()
         # bpo-44434 (CPython 3.8, 3.9.0-3.9.5): the first thread that ends makes CPython load
@@ -2896,10 +2888,7 @@ class ServerHandler(simple_server.ServerHandler):
 
 
 # --- §7 Processes -------------------------------------------------------------------------
-#
-# What a process is told and tells: signals, systemd's notification, the app it loads, and
-# Linux's process controls.  The single server (§9) and the master and its workers (§8)
-# share them.
+# What the single server (§9), the master and its workers (§8) share.
 
 # The signals serve() handles.  Every signal whose default action ends the process and that a
 # server may be sent by an operator or a supervisor stops it gracefully (the socket file is
@@ -3052,19 +3041,17 @@ def _load_app(spec):
     sys.path.insert(0, os.getcwd())  # as gunicorn does: the app sits next to us
     try:
         obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name.split(".")[0] and exc.name != module_name:
-            _print_app_traceback(exc)
-            raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
-                             f"above)") from None
-        hint = ""
-        if module_name.endswith(".py"):  # a file name where a module name goes
-            hint = f"; the module of {module_name} is {module_name[:-3]}: --app " \
-                   f"{module_name[:-3]}:{target}"
-        raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}{hint}") from None
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
+        if isinstance(exc, ModuleNotFoundError) and exc.name in (module_name.split(".")[0],
+                                                                 module_name):
+            hint = ""  # (else the module is there, and what it imports is not)
+            if module_name.endswith(".py"):  # a file name where a module name goes
+                hint = f"; the module of {module_name} is {module_name[:-3]}: --app " \
+                       f"{module_name[:-3]}:{target}"
+            raise ServeError(f"--app {spec}: no module {module_name} in {os.getcwd()}"
+                             f"{hint}") from None
         _print_app_traceback(exc)
         raise ServeError(f"--app {spec}: importing {module_name} failed (its traceback is "
                          f"above)") from None
@@ -3130,7 +3117,6 @@ def _print_app_traceback(exc):
 
 # --- §8 Worker processes ------------------------------------------------------------------
 
-
 # A worker's states (drawn in _Master's docstring), and the moves between them.
 _FORKED, _WORKING, _REPLACING, _RETIRING, _KILLED, _REAPED = (
     "forked", "serving", "replacing", "retiring", "killed", "reaped")
@@ -3142,28 +3128,21 @@ _WORKER_MOVES = {
     _KILLED: {_REAPED},
     _REAPED: set(),
 }
+_STOPPING = (_RETIRING, _KILLED)  # told to stop
 
 
 class _Worker:
     """One worker process, as its master sees it."""
 
+    MOVES, move = _WORKER_MOVES, _move
+
     def __init__(self, pid, generation, channel, now):
-        self.pid, self.generation, self.channel = pid, generation, channel
-        self.started = now
+        self.pid, self.generation, self.channel, self.started = pid, generation, channel, now
         self.state = _FORKED
         self.ready = False      # it said it serves (it stays so once retiring)
         self.heard_end = False  # its end of the channel is closed: it is exiting
         self.kill_at = float("inf")  # once it is told to stop: when it is killed if it lingers
         self.unread = b""  # what it said, up to an unfinished line
-
-    def move(self, state):
-        if state not in _WORKER_MOVES[self.state]:
-            raise RuntimeError(f"a worker cannot go from {self.state} to {state}")
-        self.state = state
-
-    @property
-    def retiring(self):  # told to stop
-        return self.state in (_RETIRING, _KILLED)
 
 
 class _Master:
@@ -3284,7 +3263,8 @@ class _Master:
 
     def _wait(self, now):
         """Sleep until a signal, a worker's word, or the next thing due."""
-        until = min([now + 1.0] + [worker.kill_at for worker in self.workers.values()])
+        until = min([now + 1.0] + [worker.kill_at for worker in self.workers.values()
+                                   if worker.state == _RETIRING])
         if not self.stopping and self.retry_at > now:
             until = min(until, self.retry_at)
         poller = select.poll()
@@ -3323,8 +3303,7 @@ class _Master:
             worker.ready = True
             if worker.state == _FORKED:
                 worker.move(_WORKING)
-            if worker.generation == self.generation:
-                self.proven = True
+            self.proven = self.proven or worker.generation == self.generation
         elif message.startswith("Q"):  # (said again, or while it stops: a line, no more)
             first = worker.state == _WORKING
             self.log_line(f"worker {worker.pid} {message[1:]}{'; replacing it' if first else ''}")
@@ -3375,7 +3354,7 @@ class _Master:
     def _retire(self, worker, now):
         """Tell a worker to stop: it finishes its requests within --graceful-timeout, or is
         killed WORKER_KILL_AFTER later (an app whose exit hangs must not linger for good)."""
-        if not worker.retiring:
+        if worker.state not in _STOPPING:
             worker.kill_at = now + self.graceful_timeout + WORKER_KILL_AFTER
             worker.move(_RETIRING)
         self._tell(worker, b"S")
@@ -3390,7 +3369,6 @@ class _Master:
                               f"told to stop: killed")
                 self._signal(worker, signal.SIGKILL)
                 worker.move(_KILLED)
-                worker.kill_at = float("inf")
 
     def _keep_up(self, now):
         """Start what is missing of this generation; once all of it serves, retire the rest."""
@@ -3404,7 +3382,7 @@ class _Master:
             self.failures = 0
         if not (self.proven and len(current) == self.count and all(w.ready for w in current)):
             return
-        old = [w for w in self.workers.values() if w not in current and not w.retiring]
+        old = [w for w in self.workers.values() if w not in current and w.state not in _STOPPING]
         for worker in old:
             self._retire(worker, now)
         pids = " ".join(str(w.pid) for w in current)
@@ -3424,7 +3402,7 @@ class _Master:
         del self.workers[worker.pid]
         ended_as = worker.state
         worker.move(_REAPED)
-        if self.stopping or ended_as in (_RETIRING, _KILLED):
+        if self.stopping or ended_as in _STOPPING:
             return
         if os.WIFSIGNALED(status):
             how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
@@ -3437,7 +3415,7 @@ class _Master:
                               f"above); not starting more")
                 self._stop(now)
                 return
-            serving = [w.generation for w in self.workers.values() if w.ready and not w.retiring]
+            serving = [w.generation for w in self.workers.values() if w.ready and w.state not in _STOPPING]
             if serving:  # the new code does not start: keep the old
                 self.generation, self.proven, self.reloading = max(serving), True, False
                 self.log_line(f"reload failed: the first new worker {how} before it served; "
@@ -3618,8 +3596,7 @@ class _WorkerServer(WSGIServer):
         self.max_requests = most + random.randint(0, jitter) if most else None
         self.max_memory = recycling.get("max_worker_memory")
         self.request_timeout = recycling.get("request_timeout")
-        self.served = 0
-        self.asked = False  # to be replaced for a limit it reached
+        self.served, self.asked = 0, False  # asked: to be replaced, for a limit it reached
         super().__init__(address, **settings)
 
     def tell_master(self, message):
@@ -4024,8 +4001,8 @@ _FAILURES = {
 
 
 # Linux: poll() flags a peer that hung up even while unread bytes wait (0 elsewhere).
-_POLL_PEER_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP |
-                                                        select.POLLERR)
+_POLL_PEER_HUNG_UP = getattr(select, "POLLRDHUP", 0) and (select.POLLRDHUP | select.POLLHUP
+                                                          | select.POLLERR)
 _POLL_PEER_CLOSED = select.POLLHUP | select.POLLERR
 
 
@@ -4173,10 +4150,8 @@ def _parse_command_line(argv):
                                        "--timeout, else 1 with a line saying why")
     groups["server"].add_argument("--version", action="version", version=f"{PROG} {__version__}")
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, command = argv[:at], argv[at + 1:]
+    at = argv.index("--") if "--" in argv else len(argv)
+    argv, command = argv[:at], argv[at + 1:]
     args, unknown = parser.parse_known_args(argv)
     args.path = "/"
     if args.check and unknown and not unknown[0].startswith("-"):
@@ -4198,7 +4173,8 @@ def _parse_command_line(argv):
             given[setting["for"], setting["name"]] = (setting["option"], value)
     if args.check:
         others = [option for (_, name), (option, _) in given.items() if name != "timeout"]
-        others += ["--app"] * bool(args.app) + ["--quiet"] * args.quiet + ["a command"] * bool(command)
+        others += (["--app"] * bool(args.app) + ["--quiet"] * args.quiet
+                   + ["a command"] * bool(command))
         if others:
             parser.error(f"--check takes an ADDRESS, a PATH and --timeout, not {others[0]}")
         args.timeout = args.timeout or CHECK_TIMEOUT
