@@ -393,8 +393,7 @@ def wait_for(condition, what, deadline=DEADLINE):
 
 
 def connectable_tcp(port):
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+    return connectable(("127.0.0.1", port))
 
 
 def run_together(function, count):
@@ -1779,8 +1778,7 @@ class MalformedRequestTests(ServerTestCase):
         server = self.start_app("127.0.0.1:0")
         target = ("127.0.0.1", int(server.wait_ready().rsplit(":", 1)[1]))
         for data in [b"", b"GET / HTTP/1.0\r\n", b"GET / HTTP/1.0\r\n\r\n"] * 30:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.connect(target)
+            with connect(target) as sock:
                 sock.sendall(data)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             # closed with SO_LINGER 0: a reset, not a FIN
