@@ -3580,10 +3580,10 @@ class _WorkerServer(WSGIServer):
     to replace it when a recycling limit is reached (see DEFAULTS):
 
     - max_requests (+ jitter, drawn once per worker): counted after each request;
-    - max_worker_memory: looked at after a request, unless it was less than a millisecond ago
-      (a quick request cannot make it grow much, and hello world would pay 4 % for a look at
-      each: one getrusage()); past it, the worker stops at once (gracefully, leaving its
-      backlog to the others): every request it took meanwhile could make it grow;
+    - max_worker_memory: looked at when the app returned, unless it was less than a millisecond
+      ago (a quick request cannot make it grow much, and hello world would pay 4 % for a look
+      at each: one getrusage()); past it, the worker stops taking connections before that
+      answer goes out (gracefully, leaving its backlog to the others);
     - request_timeout: the main thread looks at the requests in the apps each time it wakes
       (every 0.1 s at most); one that ran longer is cut -- its client gets 504 if nothing of
       its response went out yet, else the connection is shut down -- and the worker asks to be
@@ -3615,18 +3615,30 @@ class _WorkerServer(WSGIServer):
         if self.max_requests is not None and self.served >= self.max_requests:
             self.asked = True
             self.tell_master(f"Qserved {self.served} requests (--max-requests)")
-        elif self.max_memory is not None and time.monotonic() - self.memory_seen >= 0.001:
-            self.memory_seen = time.monotonic()
-            resident = _resident_memory(peak_below=self.max_memory)
-            if resident > self.max_memory:
-                self.asked = True
-                self.tell_master(f"Qhas {resident / 2**20:.0f} MiB resident after a request "
-                                 f"(--max-worker-memory {self.max_memory / 2**20:g}M)")
-                # Every further request could grow it: it stops now, as at a stop, but leaves
-                # the queued connections to the others and to its replacement.
-                self.leave_backlog = True
-                self.request_stop()
         return outcome
+
+    def get_app(self):
+        app = super().get_app()
+        if self.max_memory is None:
+            return app
+
+        def looked_at(environ, start_response):  # after the app, before its response goes out
+            result = app(environ, start_response)
+            if not self.asked and time.monotonic() - self.memory_seen >= 0.001:
+                self.memory_seen = time.monotonic()
+                resident = _resident_memory(peak_below=self.max_memory)
+                if resident > self.max_memory:
+                    self.asked = True
+                    self.tell_master(f"Qhas {resident / 2**20:.0f} MiB resident after a request "
+                                     f"(--max-worker-memory {self.max_memory / 2**20:g}M)")
+                    # Every further request could grow it: it stops taking them before this
+                    # answer goes out (its client may come back at once), as at a stop, but
+                    # leaves the queued connections to the others and to its replacement.
+                    self.leave_backlog = True
+                    self.request_stop()
+                    self._engine.begin_stop()
+            return result
+        return looked_at
 
     def service_actions(self):
         if self.request_timeout is not None:
