@@ -3617,11 +3617,10 @@ class _WorkerServer(WSGIServer):
             self.tell_master(f"Qserved {self.served} requests (--max-requests)")
         return outcome
 
-    def get_app(self):
-        app = super().get_app()
-        if self.max_memory is None:
-            return app
+    def set_app(self, app):
+        super().set_app(app if self.max_memory is None else self._memory_watched(app))
 
+    def _memory_watched(self, app):
         def looked_at(environ, start_response):  # after the app, before its response goes out
             result = app(environ, start_response)
             if not self.asked and time.monotonic() - self.memory_seen >= 0.001:
