@@ -3265,20 +3265,20 @@ class SocketWriterUnitTests(unittest.TestCase):
                 return b"".join(chunks)
             chunks.append(chunk)
 
-    def test_before_anything_went_out_the_answer_goes_instead_and_later_writes_fail(self):
-        writer, client = self.pair()
-        self.assertTrue(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
-        with self.assertRaises(BrokenPipeError):
-            writer.write(b"HTTP/1.1 200 OK\r\n\r\nlate")
-        self.assertEqual(self.read_all(client), b"HTTP/1.1 504 Gateway Timeout\r\n\r\n")
-
-    def test_after_the_head_went_out_it_is_only_closed(self):
-        writer, client = self.pair()
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst")
-        self.assertFalse(writer.cut(b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
-        with self.assertRaises(BrokenPipeError):
-            writer.write(b"more")
-        self.assertEqual(self.read_all(client), b"HTTP/1.1 200 OK\r\n\r\nfirst")
+    def test_the_answer_goes_instead_only_if_nothing_went_out_and_later_writes_fail(self):
+        answer = b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"
+        # (what went out before the cut) -> (answered, what the client reads)
+        for before, answered, wire in [(b"", True, answer),
+                                       (b"HTTP/1.1 200 OK\r\n\r\nfirst", False,
+                                        b"HTTP/1.1 200 OK\r\n\r\nfirst")]:
+            with self.subTest(before=before):
+                writer, client = self.pair()
+                if before:
+                    writer.write(before)
+                self.assertEqual(writer.cut(answer), answered)
+                with self.assertRaises(BrokenPipeError):
+                    writer.write(b"late")
+                self.assertEqual(self.read_all(client), wire)
 
     def test_during_a_write_it_does_not_split_it(self):
         writer, client = self.pair()
