@@ -3560,13 +3560,13 @@ class _Master:
                 os._exit(status)
 
 
-def _resident_memory(peak_below=None):
+def _resident_memory(limit):
     """This process's resident memory in bytes (from /proc/self/statm, Linux), or 0 when it is
-    surely below ``peak_below``: its peak, from getrusage() (1 us), is -- a read of /proc
-    costs ten times that, and is needed only then."""
+    surely below ``limit``: its peak, from getrusage() (1 us), is -- a read of /proc costs ten
+    times that, and is needed only then."""
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux gives KiB)
-    if peak_below is not None and peak < peak_below:
+    if peak < limit:
         return 0
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -3625,7 +3625,7 @@ class _WorkerServer(WSGIServer):
             result = app(environ, start_response)
             if not self.asked and time.monotonic() - self.memory_seen >= 0.001:
                 self.memory_seen = time.monotonic()
-                resident = _resident_memory(peak_below=self.max_memory)
+                resident = _resident_memory(self.max_memory)
                 if resident > self.max_memory:
                     self.asked = True
                     self.tell_master(f"Qhas {resident / 2**20:.0f} MiB resident after a request "
